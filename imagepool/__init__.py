@@ -1,0 +1,1 @@
+"""Code shared by machined and importd: image names, the pool, locks, btrfs."""

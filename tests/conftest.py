@@ -1,0 +1,143 @@
+"""Fixtures: a private mount namespace, a private system bus, pools, services.
+
+The suite moves itself into a private mount namespace before anything else, so
+that /run/systemd, /var/lib/machines and every loop mount are private to it;
+nothing of the host is touched, and the namespace takes any leftover mount
+with it when the last process in it exits.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+_CLONE_NEWNS = 0x00020000
+
+
+def _enter_private_mount_namespace() -> None:
+    """unshare(CLONE_NEWNS) in this (still single-threaded) process and make
+    every mount private, so nothing mounted here propagates to the host."""
+    if os.geteuid() != 0:
+        raise SystemExit("the test suite must run as root (it mounts file systems)")
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(_CLONE_NEWNS) != 0:
+        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNS)")
+    subprocess.run(["mount", "--make-rprivate", "/"], check=True)
+
+
+import pytest
+
+from tests import world
+
+POOL = Path("/var/lib/machines")
+
+
+def _setup_namespace() -> None:
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755", "tmpfs", "/run/systemd"], check=True)
+    for sub in ("system", "machines"):
+        os.makedirs(f"/run/systemd/{sub}", exist_ok=True)
+    # Nothing of the host's pool or settings may be seen or changed.
+    POOL.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0700", "tmpfs", str(POOL)], check=True)
+    for d in ("/etc/systemd/nspawn",):
+        os.makedirs(d, exist_ok=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755", "tmpfs", d], check=True)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    _enter_private_mount_namespace()
+    _setup_namespace()
+
+
+@pytest.fixture(scope="session")
+def bus(tmp_path_factory: pytest.TempPathFactory):
+    """A private system-type dbus-daemon; DBUS_SYSTEM_BUS_ADDRESS points at it."""
+    b = world.PrivateBus(tmp_path_factory.mktemp("bus")).start()
+    old = os.environ.get("DBUS_SYSTEM_BUS_ADDRESS")
+    os.environ["DBUS_SYSTEM_BUS_ADDRESS"] = b.address
+    yield b
+    b.stop()
+    if old is None:
+        os.environ.pop("DBUS_SYSTEM_BUS_ADDRESS", None)
+    else:
+        os.environ["DBUS_SYSTEM_BUS_ADDRESS"] = old
+
+
+@pytest.fixture
+def btrfs_mount(tmp_path: Path):
+    """A fresh btrfs file system on a loop device; yields its mount point."""
+    mnt = tmp_path / "btrfs"
+    world.mount_btrfs(tmp_path / "btrfs.img", mnt, "1G")
+    yield mnt
+    world.umount(mnt)
+
+
+@pytest.fixture(params=["btrfs", "plain"])
+def pool(request: pytest.FixtureRequest, tmp_path: Path):
+    """The image pool at /var/lib/machines: btrfs on a loop device, or a
+    plain directory on the host's (ext4) file system, bind-mounted there."""
+    if request.param == "btrfs":
+        world.mount_btrfs(tmp_path / "pool.img", POOL, "2G")
+    else:
+        plain = tmp_path / "plain-pool"
+        plain.mkdir(mode=0o700)
+        subprocess.run(["mount", "--bind", str(plain), str(POOL)], check=True)
+    yield Pool(POOL, request.param)
+    subprocess.run(["umount", "-R", str(POOL)], check=True)
+    # The locks live in /run/systemd; a test must not leak them to the next.
+    subprocess.run(["rm", "-rf", "/run/systemd/nspawn"], check=True)
+
+
+class Pool:
+    def __init__(self, path: Path, kind: str) -> None:
+        self.path = path
+        self.kind = kind
+
+    @property
+    def btrfs(self) -> bool:
+        return self.kind == "btrfs"
+
+    def __truediv__(self, other: str) -> Path:
+        return self.path / other
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+
+def _service_env(bus: world.PrivateBus) -> dict[str, str]:
+    return dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=bus.address, PYTHONPATH=str(world.REPO))
+
+
+@pytest.fixture
+def machined(bus: world.PrivateBus, pool: Pool, tmp_path: Path):
+    """Our machined on the private bus, serving the pool."""
+    svc = world.Service(world.service_argv("machined", pool.path), _service_env(bus), tmp_path / "machined.log")
+    svc.start()
+    yield svc
+    rc = svc.stop()
+    log = (tmp_path / "machined.log").read_text(errors="replace")
+    assert rc == 0, f"machined exited with {rc}:\n{log}"
+    assert "Traceback" not in log, log
+
+
+@pytest.fixture
+def reference_machined(bus: world.PrivateBus, pool: Pool, tmp_path: Path):
+    """systemd-machined 252 on the same bus and pool (the oracle)."""
+    svc = world.Service(["/lib/systemd/systemd-machined"], _service_env(bus), tmp_path / "ref.log")
+    svc.start(notify=False, bus_name="org.freedesktop.machine1")
+    yield svc
+    svc.stop()
+
+
+def machinectl(*args: str, user: str | None = None, input: str | None = None) -> subprocess.CompletedProcess:
+    argv = ["machinectl", "--no-pager", *args]
+    if user:
+        argv = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *argv]
+    return subprocess.run(argv, capture_output=True, text=True, input=input, timeout=120)
+
+
+def busctl(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["busctl", "--system", *args], capture_output=True, text=True, timeout=60)
