@@ -111,25 +111,55 @@ def _service_env(bus: world.PrivateBus) -> dict[str, str]:
     return dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=bus.address, PYTHONPATH=str(world.REPO))
 
 
+class Daemons:
+    """Starts our machined or the reference one on the private bus; one at a
+    time, since both claim org.freedesktop.machine1."""
+
+    def __init__(self, bus: world.PrivateBus, pool: Pool, logdir: Path) -> None:
+        self.bus = bus
+        self.pool = pool
+        self.logdir = logdir
+        self.current: world.Service | None = None
+        self.ours_log = logdir / "machined.log"
+
+    def start_ours(self) -> world.Service:
+        self.stop()
+        svc = world.Service(world.service_argv("machined", self.pool.path), _service_env(self.bus), self.ours_log)
+        self.current = svc.start()
+        self._ours = True
+        return svc
+
+    def start_reference(self) -> world.Service:
+        self.stop()
+        svc = world.Service(["/lib/systemd/systemd-machined"], _service_env(self.bus), self.logdir / "ref.log")
+        self.current = svc.start(notify=False, bus_name="org.freedesktop.machine1")
+        self._ours = False
+        return svc
+
+    def stop(self) -> None:
+        if self.current is None:
+            return
+        rc = self.current.stop()
+        ours = self._ours
+        self.current = None
+        if ours:
+            log = self.ours_log.read_text(errors="replace")
+            assert rc == 0, f"machined exited with {rc}:\n{log}"
+            assert os.environ.get("ALLOW_TRACEBACK") or "Traceback" not in log, log
+
+
 @pytest.fixture
-def machined(bus: world.PrivateBus, pool: Pool, tmp_path: Path):
+def daemons(bus: world.PrivateBus, pool: Pool, tmp_path: Path):
+    d = Daemons(bus, pool, tmp_path)
+    yield d
+    d.stop()
+
+
+@pytest.fixture
+def machined(daemons: Daemons):
     """Our machined on the private bus, serving the pool."""
-    svc = world.Service(world.service_argv("machined", pool.path), _service_env(bus), tmp_path / "machined.log")
-    svc.start()
-    yield svc
-    rc = svc.stop()
-    log = (tmp_path / "machined.log").read_text(errors="replace")
-    assert rc == 0, f"machined exited with {rc}:\n{log}"
-    assert "Traceback" not in log, log
-
-
-@pytest.fixture
-def reference_machined(bus: world.PrivateBus, pool: Pool, tmp_path: Path):
-    """systemd-machined 252 on the same bus and pool (the oracle)."""
-    svc = world.Service(["/lib/systemd/systemd-machined"], _service_env(bus), tmp_path / "ref.log")
-    svc.start(notify=False, bus_name="org.freedesktop.machine1")
-    yield svc
-    svc.stop()
+    yield daemons.start_ours()
+    daemons.stop()
 
 
 def machinectl(*args: str, user: str | None = None, input: str | None = None) -> subprocess.CompletedProcess:

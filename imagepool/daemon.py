@@ -1,0 +1,97 @@
+"""What both daemons share at run time: command line, logging with syslog
+priority prefixes, sd_notify, the system bus, and clean exit on SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Awaitable, Callable
+
+import sdbus
+
+from imagepool.image import DEFAULT_POOL
+
+log = logging.getLogger("imagepool")
+
+_PRIORITY = {
+    logging.CRITICAL: 2,
+    logging.ERROR: 3,
+    logging.WARNING: 4,
+    logging.INFO: 6,
+    logging.DEBUG: 7,
+}
+
+
+class _SyslogPrefixFormatter(logging.Formatter):
+    """``<6>message``: the form journald and systemd read from stderr."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        prio = _PRIORITY.get(record.levelno, 6)
+        text = super().format(record)
+        return "\n".join(f"<{prio}>{line}" for line in text.splitlines() or [""])
+
+
+def setup_logging(debug: bool = False) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_SyslogPrefixFormatter("%(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+
+
+def sd_notify(message: str) -> bool:
+    """Send MESSAGE to $NOTIFY_SOCKET; False when there is none."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return False
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(path)
+            sock.sendall(message.encode())
+    except OSError as e:
+        log.debug("sd_notify failed: %s", e)
+        return False
+    return True
+
+
+def parse_args(prog: str, argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=prog)
+    parser.add_argument("--pool", default=DEFAULT_POOL, help="image pool directory (default: %(default)s)")
+    parser.add_argument("--debug", action="store_true", help="log debug messages")
+    return parser.parse_args(argv)
+
+
+def open_system_bus() -> sdbus.SdBus:
+    """The system bus; sd-bus honours $DBUS_SYSTEM_BUS_ADDRESS."""
+    bus = sdbus.sd_bus_open_system()
+    sdbus.set_default_bus(bus)
+    return bus
+
+
+async def request_name(bus: sdbus.SdBus, name: str) -> None:
+    await bus.request_name_async(name, 0)
+
+
+def run(main: Callable[[asyncio.Event], Awaitable[None]]) -> int:
+    """Run MAIN(stop_event) until it returns; SIGTERM and SIGINT set the event."""
+
+    async def runner() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await main(stop)
+
+    try:
+        asyncio.run(runner())
+    except Exception:
+        log.exception("Fatal error")
+        return 1
+    return 0

@@ -1,0 +1,41 @@
+"""systemd-machined in Python: ``machined --pool PATH``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+from imagepool import daemon
+from imagepool.image import Pool
+from machined.images import ImageManager
+from machined.manager_dbus import MANAGER_PATH, ManagerObject
+
+log = logging.getLogger("machined")
+
+BUS_NAME = "org.freedesktop.machine1"
+
+
+async def serve(pool_path: str, stop: asyncio.Event) -> None:
+    bus = daemon.open_system_bus()
+    images = ImageManager(Pool(pool_path))
+    os.makedirs("/run/systemd/machines", mode=0o755, exist_ok=True)
+    manager = ManagerObject(images)
+    manager.export_to_dbus(MANAGER_PATH)
+    await images.discover()
+    await daemon.request_name(bus, BUS_NAME)
+    daemon.sd_notify("READY=1\nSTATUS=Processing requests...")
+    log.info("machined ready, pool %s", images.pool.path)
+    await stop.wait()
+    daemon.sd_notify("STOPPING=1")
+    bus.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = daemon.parse_args("machined", argv)
+    daemon.setup_logging(args.debug)
+    return daemon.run(lambda stop: serve(args.pool, stop))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
