@@ -18,6 +18,10 @@ log = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
+# sd-bus itself refuses methods without this flag to callers lacking
+# CAP_SYS_ADMIN; like systemd we let everybody in and decide per method.
+UNPRIVILEGED = sdbus.DbusUnprivilegedFlag
+
 _error_classes: dict[str, type[DbusFailedError]] = {}
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import logging
 import os
 import secrets
 import shutil
@@ -23,6 +24,8 @@ from imagepool.names import image_name_is_valid
 
 SETTINGS_DIRS = ("/etc/systemd/nspawn", "/run/systemd/nspawn")
 SIDECAR_SUFFIXES = (".roothash", ".roothash.p7s", ".usrhash", ".usrhash.p7s", ".verity")
+
+log = logging.getLogger(__name__)
 
 _RENAME_NOREPLACE = 1
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -144,10 +147,16 @@ def rename_image(pool: Pool, image: Image, new_name: str) -> None:
         finally:
             if immutable:
                 fsutil.set_immutable(new_path if os.path.lexists(new_path) else image.path, True)
+        # Settings and side-car files follow as far as they can; an
+        # obstacle there doesn't undo the rename (systemd only logs it).
         for old, new in _companions(image, new_name):
             assert new is not None
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 rename_noreplace(old, new)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                log.warning("Failed to rename %s, ignoring: %s", old, e.strerror)
 
 
 # --- clone --------------------------------------------------------------------
@@ -179,9 +188,14 @@ def make_tree_copy(src: str, dst: str, read_only: bool) -> bool:
     where possible (read-only at once if asked; returns True), else a new
     subvolume (or a directory off btrfs) filled by copy_tree (returns False:
     the caller makes it read-only once it is in place)."""
-    if btrfs.is_subvolume(src) and _same_fs(src, os.path.dirname(dst)):
-        btrfs.snapshot(src, dst, read_only=read_only)
-        return True
+    if btrfs.is_subvolume(src) and btrfs.is_btrfs(os.path.dirname(dst)):
+        try:
+            btrfs.snapshot(src, dst, read_only=read_only)
+            return True
+        except OSError as e:
+            # Another btrfs file system: copy instead.
+            if e.errno != errno.EXDEV:
+                raise
     try:
         btrfs.create_subvolume(dst)
     except OSError:
@@ -199,11 +213,6 @@ def apply_read_only(path: str) -> None:
         btrfs.set_read_only(path, True)
     else:
         fsutil.set_immutable(path, True)
-
-
-def _same_fs(a: str, b: str) -> bool:
-    # Subvolumes have their own st_dev; the file system id is shared.
-    return btrfs.is_btrfs(b) and os.statvfs(a).f_fsid == os.statvfs(b).f_fsid
 
 
 def clone_image(pool: Pool, image: Image, new_name: str, read_only: bool) -> None:
@@ -236,7 +245,10 @@ def clone_image(pool: Pool, image: Image, new_name: str, read_only: bool) -> Non
             if os.path.isfile(old) and not os.path.lexists(new):
                 if os.path.dirname(old) == os.path.dirname(image.path):
                     new = os.path.join(pool.path, os.path.basename(new))
-                _copy_small_file(old, new)
+                try:
+                    _copy_small_file(old, new)
+                except OSError as e:
+                    log.warning("Failed to copy %s, ignoring: %s", old, e.strerror)
 
 
 def _copy_small_file(src: str, dst: str) -> None:

@@ -23,11 +23,13 @@ async def serve(pool_path: str, stop: asyncio.Event) -> None:
     manager = ManagerObject(images)
     manager.export_to_dbus(MANAGER_PATH)
     await images.discover()
+    images.start_watching()
     await daemon.request_name(bus, BUS_NAME)
     daemon.sd_notify("READY=1\nSTATUS=Processing requests...")
     log.info("machined ready, pool %s", images.pool.path)
     await stop.wait()
     daemon.sd_notify("STOPPING=1")
+    images.stop_watching()
     bus.close()
 
 

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 from sdbus import DbusInterfaceCommonAsync, dbus_method_async, dbus_property_async
 
-from imagepool.bus import require_root, translated
+from imagepool.bus import UNPRIVILEGED, require_root, translated
 from imagepool.image import Image
 
 if TYPE_CHECKING:
@@ -27,47 +27,47 @@ class ImageObject(DbusInterfaceCommonAsync, interface_name="org.freedesktop.mach
 
     # The Manager's *Image methods land here too, after looking the image up.
 
-    @dbus_method_async("", "", method_name="Remove")
+    @dbus_method_async("", "", flags=UNPRIVILEGED, method_name="Remove")
     @translated
     async def remove(self) -> None:
         await remove_image(self.manager, await self._current())
 
-    @dbus_method_async("s", "", method_name="Rename", input_args_names=["new_name"])
+    @dbus_method_async("s", "", flags=UNPRIVILEGED, method_name="Rename", input_args_names=["new_name"])
     @translated
     async def rename(self, new_name: str) -> None:
         await rename_image(self.manager, await self._current(), new_name)
 
-    @dbus_method_async("sb", "", method_name="Clone", input_args_names=["new_name", "read_only"])
+    @dbus_method_async("sb", "", flags=UNPRIVILEGED, method_name="Clone", input_args_names=["new_name", "read_only"])
     @translated
     async def clone(self, new_name: str, read_only: bool) -> None:
         await clone_image(self.manager, await self._current(), new_name, read_only)
 
-    @dbus_method_async("b", "", method_name="MarkReadOnly", input_args_names=["read_only"])
+    @dbus_method_async("b", "", flags=UNPRIVILEGED, method_name="MarkReadOnly", input_args_names=["read_only"])
     @translated
     async def mark_read_only(self, read_only: bool) -> None:
         await mark_image_read_only(self.manager, await self._current(), read_only)
 
-    @dbus_method_async("t", "", method_name="SetLimit", input_args_names=["limit"])
+    @dbus_method_async("t", "", flags=UNPRIVILEGED, method_name="SetLimit", input_args_names=["limit"])
     @translated
     async def set_limit(self, limit: int) -> None:
         await set_image_limit(self.manager, await self._current(), limit)
 
-    @dbus_method_async("", "s", method_name="GetHostname")
+    @dbus_method_async("", "s", flags=UNPRIVILEGED, method_name="GetHostname")
     @translated
     async def get_hostname(self) -> str:
         return await get_image_hostname(self.manager, await self._current())
 
-    @dbus_method_async("", "ay", method_name="GetMachineID")
+    @dbus_method_async("", "ay", flags=UNPRIVILEGED, method_name="GetMachineID")
     @translated
     async def get_machine_id(self) -> bytes:
         return await get_image_machine_id(self.manager, await self._current())
 
-    @dbus_method_async("", "a{ss}", method_name="GetMachineInfo")
+    @dbus_method_async("", "a{ss}", flags=UNPRIVILEGED, method_name="GetMachineInfo")
     @translated
     async def get_machine_info(self) -> dict[str, str]:
         return await get_image_machine_info(self.manager, await self._current())
 
-    @dbus_method_async("", "a{ss}", method_name="GetOSRelease")
+    @dbus_method_async("", "a{ss}", flags=UNPRIVILEGED, method_name="GetOSRelease")
     @translated
     async def get_os_release(self) -> dict[str, str]:
         return await get_image_os_release(self.manager, await self._current())

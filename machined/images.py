@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from imagepool import ops
 from imagepool.errors import InvalidArgs, LimitsExceeded, NoSuchImage
 from imagepool.image import Image, Pool
+from imagepool.inotify import DirectoryWatch
 from imagepool.metadata import ImageMetadata, read_tree_metadata
 from imagepool.names import bus_label_escape, image_name_is_valid
 from imagepool.image import ImageType
@@ -37,6 +38,34 @@ class ImageManager:
         self.pool = pool
         self.operations = 0
         self.objects: dict[str, ImageObject] = {}
+        self._watch: DirectoryWatch | None = None
+        self._rescan: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task] = set()
+
+    def start_watching(self) -> None:
+        """Keep the exported objects (and so introspection) in step with the
+        search directories, whoever changes them."""
+        self._watch = DirectoryWatch(self.pool.search_paths, self._changed)
+
+    def stop_watching(self) -> None:
+        if self._watch:
+            self._watch.close()
+        if self._rescan:
+            self._rescan.cancel()
+        for task in self._tasks:
+            task.cancel()
+
+    def _changed(self, name: str) -> None:
+        if name.startswith(".#"):
+            return  # temporary files and lock files
+        if self._rescan is None:
+            self._rescan = asyncio.get_running_loop().call_later(0.05, self._start_rescan)
+
+    def _start_rescan(self) -> None:
+        self._rescan = None
+        task = asyncio.get_running_loop().create_task(self.discover())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def run(self, func: Callable[..., T], *args: Any) -> T:
         """Run blocking file-system work in a worker thread, within the

@@ -134,3 +134,25 @@ def test_locked_image_matches_reference(pool: Pool, daemons: Daemons, verb: list
     assert_same(ours, reference)
     assert "rc=1" in ours[0]
     assert (pool / "sv1").is_dir()
+
+
+def test_unprivileged_caller_matches_reference(pool: Pool, daemons: Daemons) -> None:
+    """Without polkit, systemd refuses changes from non-root callers."""
+    populate(pool.path, pool.btrfs)
+    verbs = [["remove", "dir1"], ["rename", "dir1", "x"], ["clone", "dir1", "x"], ["read-only", "dir1"],
+             ["set-limit", "dir1", "1G"], ["set-limit", "1G"], ["clean", "--all"], ["list-images"]]
+
+    def run_as_nobody(start) -> list[str]:
+        start()
+        outputs = []
+        for verb in verbs:
+            r = machinectl(*verb, user="nobody")
+            outputs.append(f"$ machinectl {' '.join(verb)}\n{r.stdout}{r.stderr}rc={r.returncode}\n")
+        daemons.stop()
+        return outputs
+
+    reference = run_as_nobody(daemons.start_reference)
+    ours = run_as_nobody(daemons.start_ours)
+    assert_same(ours, reference)
+    assert all("rc=1" in out for out in ours[:-1])
+    assert (pool / "dir1").is_dir()
