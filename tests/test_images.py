@@ -242,3 +242,91 @@ def test_clean(pool: Pool) -> None:
     out = ok("clean", "--all")
     assert "Removed 3 images in total." in out
     assert sorted(os.listdir(pool.path)) == ["not-an-image.txt"]
+
+
+def test_raw_image_metadata_through_machinectl(pool: Pool, tmp_path: Path) -> None:
+    """A bare file system image: metadata read through a read-only loop mount."""
+    tree = tmp_path / "tree"
+    make_os_tree(tree, "rawhost")
+    subprocess.run(["mkfs.ext4", "-q", "-d", str(tree), str(pool / "fs.raw"), "32M"], check=True)
+    out = ok("image-status", "fs")
+    assert "Hostname: rawhost" in out and "OS: Debian GNU/Linux 12 (bookworm)" in out
+    assert "Machine ID: 0123456789abcdef0123456789abcdef" in out
+    # Not an image we can read: a clear error, no crash, nothing left mounted.
+    (pool / "junk.raw").write_bytes(os.urandom(1 << 20))
+    mounts = subprocess.run(["findmnt", "-rn"], capture_output=True, text=True).stdout
+    loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+    r = busctl("call", "org.freedesktop.machine1", "/org/freedesktop/machine1",
+               "org.freedesktop.machine1.Manager", "GetImageOSRelease", "s", "junk")
+    assert r.returncode != 0 and "junk" in r.stderr
+    assert subprocess.run(["findmnt", "-rn"], capture_output=True, text=True).stdout == mounts
+    world.wait_for(lambda: subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout == loops,
+                   5, "loop devices to be detached")
+
+
+def test_block_device_image(pool: Pool, tmp_path: Path) -> None:
+    backing = tmp_path / "blk.img"
+    with open(backing, "wb") as f:
+        f.truncate(8 << 20)
+    dev = subprocess.run(["losetup", "--find", "--show", str(backing)], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    try:
+        st = os.stat(dev)
+        os.mknod(pool / "blk", stat.S_IFBLK | 0o600, st.st_rdev)
+        out = ok("list-images", "--no-legend")
+        row = next(line.split() for line in out.splitlines() if line.startswith("blk "))
+        assert row[1] == "block" and row[2] == "no" and row[3] == "8.0M"
+        ok("read-only", "blk")
+        assert fsutil.block_device_read_only(dev)
+        ok("read-only", "blk", "false")
+        assert not fsutil.block_device_read_only(dev)
+        assert fails("clone", "blk", "blk2") == "Could not clone image: Operation not supported"
+        ok("remove", "blk")
+        assert not (pool / "blk").exists() and os.path.exists(dev)
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=True)
+
+
+def test_bus_stays_responsive_during_long_work(pool: Pool) -> None:
+    """A clone that takes a while runs in a worker: other calls are answered
+    while it is still going."""
+    src = pool / "big"
+    src.mkdir()
+    for i in range(200):
+        d = src / f"d{i}"
+        d.mkdir()
+        for j in range(100):
+            (d / f"f{j}").write_bytes(b"x" * 512)
+    clone = subprocess.Popen(["machinectl", "clone", "big", "big2"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+    answered_while_running = 0
+    try:
+        while clone.poll() is None:
+            r = busctl("call", "org.freedesktop.machine1", "/org/freedesktop/machine1",
+                       "org.freedesktop.machine1.Manager", "GetImage", "s", "big")
+            assert r.returncode == 0
+            if clone.poll() is None:
+                answered_while_running += 1
+    finally:
+        clone.wait()
+    assert clone.returncode == 0, clone.stderr.read()
+    assert answered_while_running > 0
+    assert len(list((pool / "big2").rglob("f*"))) == 20000
+
+
+def test_daemon_logging_and_readiness(pool: Pool, daemons) -> None:
+    # The fixture waited for READY=1 on NOTIFY_SOCKET; the log uses syslog
+    # priority prefixes; SIGTERM ends it with status 0 (checked on stop).
+    daemons.stop()
+    lines = daemons.ours_log.read_text().splitlines()
+    assert lines and all(line.startswith("<") and line[2] == ">" for line in lines)
+    assert "<6>machined ready, pool /var/lib/machines" in lines
+
+
+def test_importd_claims_its_name(bus, tmp_path: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=str(world.REPO))
+    svc = world.Service(world.service_argv("importd", tmp_path), env, tmp_path / "importd.log").start()
+    try:
+        assert world.name_has_owner(env, "org.freedesktop.import1")
+    finally:
+        assert svc.stop() == 0
