@@ -329,3 +329,67 @@ def clean_pool(pool: Pool, mode: str) -> list[tuple[str, int]]:
             raise PoolError(f"Failed to remove image '{name}': {e}") from e
         removed.append((name, image.usage_exclusive))
     return removed
+
+
+# --- installing new images (importd) ---------------------------------------------
+
+_RENAME_EXCHANGE = 2
+
+
+def rename_exchange(a: str, b: str) -> None:
+    if _libc.renameat2(-100, os.fsencode(a), -100, os.fsencode(b), _RENAME_EXCHANGE) != 0:
+        _raise_errno(ctypes.get_errno(), b)
+
+
+def setup_pool(pool: Pool) -> None:
+    """Create the pool directory if it is missing: a btrfs subvolume when
+    the parent is on btrfs (so it can carry a quota), else a directory."""
+    if os.path.isdir(pool.path):
+        return
+    parent = os.path.dirname(pool.path)
+    os.makedirs(parent, mode=0o755, exist_ok=True)
+    try:
+        if btrfs.is_btrfs(parent):
+            btrfs.create_subvolume(pool.path)
+            os.chmod(pool.path, 0o700)
+            return
+    except OSError:
+        pass
+    os.makedirs(pool.path, mode=0o700, exist_ok=True)
+
+
+def make_tree_dir(path: str) -> None:
+    """A new, empty directory image: a subvolume on btrfs, else a directory."""
+    try:
+        btrfs.create_subvolume(path)
+    except OSError:
+        os.mkdir(path, 0o755)
+    os.chmod(path, 0o755)
+
+
+def remove_path(path: str) -> None:
+    """Remove whatever is at PATH (an image or a temporary), if anything."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        remove_tree(path)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def install_image(tmp: str, final: str, *, force: bool, read_only: bool) -> None:
+    """Move the finished temporary TMP into place at FINAL.
+
+    Without FORCE an existing FINAL is an error (EEXIST).  With FORCE the
+    old image is swapped out atomically (RENAME_EXCHANGE) and then removed,
+    so FINAL never stops existing and never holds a partial image."""
+    if read_only and not os.path.isdir(tmp):
+        os.chmod(tmp, os.stat(tmp).st_mode & 0o7555)
+    if force and os.path.lexists(final):
+        if fsutil.get_immutable(final):
+            fsutil.set_immutable(final, False)
+        rename_exchange(tmp, final)
+        remove_path(tmp)  # now the old image
+    else:
+        rename_noreplace(tmp, final)
+    if read_only and os.path.isdir(final):
+        apply_read_only(final)

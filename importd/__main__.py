@@ -1,6 +1,4 @@
-"""systemd-importd in Python: ``importd --pool PATH``.
-
-So far it claims org.freedesktop.import1; transfers come next."""
+"""systemd-importd in Python: ``importd --pool PATH``."""
 
 from __future__ import annotations
 
@@ -8,6 +6,8 @@ import asyncio
 import logging
 
 from imagepool import daemon
+from imagepool.image import Pool
+from importd.manager_dbus import MANAGER_PATH, ImportManagerObject
 
 log = logging.getLogger("importd")
 
@@ -16,11 +16,15 @@ BUS_NAME = "org.freedesktop.import1"
 
 async def serve(pool_path: str, stop: asyncio.Event) -> None:
     bus = daemon.open_system_bus()
+    manager = ImportManagerObject(Pool(pool_path))
+    manager.export_to_dbus(MANAGER_PATH)
     await daemon.request_name(bus, BUS_NAME)
-    daemon.sd_notify("READY=1")
+    daemon.sd_notify("READY=1\nSTATUS=Processing requests...")
     log.info("importd ready, pool %s", pool_path)
     await stop.wait()
     daemon.sd_notify("STOPPING=1")
+    # Cancel running transfers: each removes what it wrote.
+    await manager.transfers.shutdown()
     bus.close()
 
 

@@ -115,40 +115,53 @@ def _service_env(bus: world.PrivateBus) -> dict[str, str]:
 
 
 class Daemons:
-    """Starts our machined or the reference one on the private bus; one at a
-    time, since both claim org.freedesktop.machine1."""
+    """Starts our daemons or the reference ones on the private bus.  One
+    machined and one importd at a time, since each claims its bus name."""
+
+    REFERENCE = {
+        "machined": ("/lib/systemd/systemd-machined", "org.freedesktop.machine1"),
+        "importd": ("/lib/systemd/systemd-importd", "org.freedesktop.import1"),
+    }
 
     def __init__(self, bus: world.PrivateBus, pool: Pool, logdir: Path) -> None:
         self.bus = bus
         self.pool = pool
         self.logdir = logdir
-        self.current: world.Service | None = None
-        self.ours_log = logdir / "machined.log"
+        self.running: dict[str, tuple[world.Service, bool]] = {}
+
+    def log_of(self, name: str) -> Path:
+        return self.logdir / f"{name}.log"
+
+    def start(self, name: str, ours: bool = True) -> world.Service:
+        self.stop(name)
+        if ours:
+            svc = world.Service(world.service_argv(name, self.pool.path), _service_env(self.bus),
+                                self.log_of(name))
+            svc.start()
+        else:
+            binary, bus_name = self.REFERENCE[name]
+            svc = world.Service([binary], _service_env(self.bus), self.logdir / f"reference-{name}.log")
+            svc.start(notify=False, bus_name=bus_name)
+        self.running[name] = (svc, ours)
+        return svc
 
     def start_ours(self) -> world.Service:
-        self.stop()
-        svc = world.Service(world.service_argv("machined", self.pool.path), _service_env(self.bus), self.ours_log)
-        self.current = svc.start()
-        self._ours = True
-        return svc
+        return self.start("machined", True)
 
     def start_reference(self) -> world.Service:
-        self.stop()
-        svc = world.Service(["/lib/systemd/systemd-machined"], _service_env(self.bus), self.logdir / "ref.log")
-        self.current = svc.start(notify=False, bus_name="org.freedesktop.machine1")
-        self._ours = False
-        return svc
+        return self.start("machined", False)
 
-    def stop(self) -> None:
-        if self.current is None:
-            return
-        rc = self.current.stop()
-        ours = self._ours
-        self.current = None
-        if ours:
-            log = self.ours_log.read_text(errors="replace")
-            assert rc == 0, f"machined exited with {rc}:\n{log}"
-            assert "Traceback" not in log, log
+    def stop(self, name: str | None = None) -> None:
+        for n in [name] if name else list(self.running):
+            entry = self.running.pop(n, None)
+            if entry is None:
+                continue
+            svc, ours = entry
+            rc = svc.stop()
+            if ours:
+                log = self.log_of(n).read_text(errors="replace")
+                assert rc == 0, f"{n} exited with {rc}:\n{log}"
+                assert "Traceback" not in log, log
 
 
 @pytest.fixture
@@ -162,7 +175,14 @@ def daemons(bus: world.PrivateBus, pool: Pool, tmp_path: Path):
 def machined(daemons: Daemons):
     """Our machined on the private bus, serving the pool."""
     yield daemons.start_ours()
-    daemons.stop()
+    daemons.stop("machined")
+
+
+@pytest.fixture
+def importd(daemons: Daemons):
+    """Our importd on the private bus, importing into the pool."""
+    yield daemons.start("importd")
+    daemons.stop("importd")
 
 
 def machinectl(*args: str, user: str | None = None, input: str | None = None) -> subprocess.CompletedProcess:

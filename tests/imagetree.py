@@ -73,8 +73,10 @@ def make_rich_tree(root: Path) -> None:
         f.write(b"end")
 
 
-def describe_tree(root: Path) -> dict[str, tuple]:
-    """What a copy must preserve, per path (except inode numbers)."""
+def describe_tree(root: Path, trusted: bool = True) -> dict[str, tuple]:
+    """What a copy must preserve, per path (except inode numbers).  Tar
+    runs without CAP_SYS_ADMIN (as in systemd), so trusted.* xattrs don't
+    survive a tarball: TRUSTED=False leaves them out."""
     out: dict[str, tuple] = {}
     inodes: dict[int, str] = {}
     for dirpath, dirnames, filenames in os.walk(root):
@@ -86,9 +88,11 @@ def describe_tree(root: Path) -> dict[str, tuple]:
             xattrs = {}
             if not os.path.islink(p):
                 for attr in sorted(os.listxattr(p, follow_symlinks=False)):
-                    xattrs[attr] = os.getxattr(p, attr, follow_symlinks=False)
+                    if trusted or not attr.startswith("trusted."):
+                        xattrs[attr] = os.getxattr(p, attr, follow_symlinks=False)
             hard = inodes.setdefault(st.st_ino, rel) if st.st_nlink > 1 and not os.path.isdir(p) else None
-            out[rel] = (st.st_mode, st.st_uid, st.st_gid, st.st_rdev, st.st_size, link,
+            size = 0 if os.path.isdir(p) and not link else st.st_size  # directory sizes are fs-specific
+            out[rel] = (st.st_mode, st.st_uid, st.st_gid, st.st_rdev, size, link,
                         tuple(xattrs.items()), hard, int(st.st_mtime))
     return out
 

@@ -317,16 +317,11 @@ def test_bus_stays_responsive_during_long_work(pool: Pool) -> None:
 def test_daemon_logging_and_readiness(pool: Pool, daemons) -> None:
     # The fixture waited for READY=1 on NOTIFY_SOCKET; the log uses syslog
     # priority prefixes; SIGTERM ends it with status 0 (checked on stop).
-    daemons.stop()
-    lines = daemons.ours_log.read_text().splitlines()
+    daemons.stop("machined")
+    lines = daemons.log_of("machined").read_text().splitlines()
     assert lines and all(line.startswith("<") and line[2] == ">" for line in lines)
     assert "<6>machined ready, pool /var/lib/machines" in lines
 
 
-def test_importd_claims_its_name(bus, tmp_path: Path) -> None:
-    env = dict(os.environ, PYTHONPATH=str(world.REPO))
-    svc = world.Service(world.service_argv("importd", tmp_path), env, tmp_path / "importd.log").start()
-    try:
-        assert world.name_has_owner(env, "org.freedesktop.import1")
-    finally:
-        assert svc.stop() == 0
+def test_importd_claims_its_name(importd) -> None:
+    assert world.name_has_owner(dict(os.environ), "org.freedesktop.import1")

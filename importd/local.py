@@ -1,0 +1,301 @@
+"""Local imports and exports: the blocking jobs behind ImportTar, ImportRaw,
+ImportFileSystem, ExportTar and ExportRaw.
+
+Each job logs what systemd's worker tools log (machinectl prints those lines),
+builds the new image under a hidden ``.#`` name, and renames it into place
+only once it is complete; on any failure or cancel it removes what it wrote.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import time
+
+from imagepool import btrfs, ops
+from imagepool.image import Image, ImageType, Pool
+from imagepool.locks import image_name_lock
+from importd import compress, qcow2, sparse, tarball
+from importd.context import Canceled, JobContext, TransferError
+
+# Cap on what one import may write, on top of the pool's free space.
+DEFAULT_MAX_IMAGE_SIZE = 64 << 30
+QCOW2_HEAD = 4
+
+
+def fd_path(fd: int) -> str:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return "n/a"
+
+
+def format_bytes(n: int) -> str:
+    """systemd's FORMAT_BYTES: 1024-based, one decimal, B K M G T P E."""
+    if n < 1024:
+        return f"{n}B"
+    value = float(n)
+    for suffix in "KMGTPE":
+        value /= 1024
+        if value < 1024 or suffix == "E":
+            return f"{value:.1f}{suffix}"
+    return f"{n}B"
+
+
+class ProgressLogger:
+    """Reports progress, and logs "<verb> N%." at most once a second."""
+
+    def __init__(self, ctx: JobContext, verb: str) -> None:
+        self.ctx = ctx
+        self.verb = verb
+        self.last_logged = -1
+        self.last_time = 0.0
+
+    def __call__(self, fraction: float) -> None:
+        self.ctx.progress(fraction)
+        percent = int(min(max(fraction, 0.0), 1.0) * 100)
+        now = time.monotonic()
+        if percent != self.last_logged and now - self.last_time >= 1.0:
+            self.last_logged = percent
+            self.last_time = now
+            self.ctx.log(f"{self.verb} {percent}%.")
+
+
+def _input_size(fd: int) -> int | None:
+    st = os.fstat(fd)
+    return st.st_size if stat.S_ISREG(st.st_mode) else None
+
+
+def _size_limit(pool: Pool, max_size: int) -> int:
+    st = os.statvfs(pool.path)
+    return min(max_size, st.f_bavail * st.f_frsize)
+
+
+def _check_target(pool: Pool, name: str, force: bool) -> None:
+    if not force and pool.exists(name):
+        raise TransferError(f"Image '{name}' already exists.")
+
+
+def _finish(ctx: JobContext) -> None:
+    ctx.log("Operation completed successfully.")
+    ctx.log("Exiting.")
+
+
+# --- imports ---------------------------------------------------------------------
+
+
+def import_tar(ctx: JobContext, fd: int, pool: Pool, name: str, force: bool, read_only: bool,
+               max_size: int = DEFAULT_MAX_IMAGE_SIZE) -> None:
+    _check_target(pool, name, force)
+    ctx.log(f"Importing '{fd_path(fd)}', saving as '{name}'.")
+    with image_name_lock(name):
+        tmp = ops.temp_name(pool.path, name)
+        ops.make_tree_dir(tmp)
+        unpacker = None
+        try:
+            unpacker = tarball.TarUnpacker(tmp, ctx)
+            progress = ProgressLogger(ctx, "Imported")
+            size = _input_size(fd)
+            sub = JobContext(ctx.cancel, ctx.log, progress)
+            for chunk in compress.decompressed_chunks(fd, sub, size=size, max_output=_size_limit(pool, max_size)):
+                unpacker.write(chunk)
+            unpacker.finish()
+            unpacker = None
+            tarball.mangle_os_tree(tmp)
+            _check_target(pool, name, force)
+            ops.install_image(tmp, os.path.join(pool.path, name), force=force, read_only=read_only)
+        except BaseException:
+            if unpacker is not None:
+                unpacker.abort()
+            ops.remove_path(tmp)
+            raise
+    _finish(ctx)
+
+
+def import_raw(ctx: JobContext, fd: int, pool: Pool, name: str, force: bool, read_only: bool,
+               max_size: int = DEFAULT_MAX_IMAGE_SIZE) -> None:
+    _check_target(pool, name, force)
+    ctx.log(f"Importing '{fd_path(fd)}', saving as '{name}'.")
+    limit = _size_limit(pool, max_size)
+    with image_name_lock(name):
+        tmp = ops.temp_name(pool.path, name + ".raw")
+        tmp_qcow = None
+        try:
+            out = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            try:
+                size = _write_raw(ctx, fd, out, pool, name, limit)
+                if size is None:
+                    # qcow2 needs random access: convert the downloaded copy.
+                    tmp_qcow = tmp + ".qcow2"
+                    os.rename(tmp, tmp_qcow)
+                    size = _convert_qcow2(ctx, out, tmp, limit)
+                ctx.log(f"Wrote {format_bytes(size)}.")
+            finally:
+                os.close(out)
+            _check_target(pool, name, force)
+            ops.install_image(tmp, os.path.join(pool.path, name + ".raw"), force=force, read_only=read_only)
+        except BaseException:
+            for path in (tmp, tmp_qcow):
+                if path:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
+            raise
+        finally:
+            if tmp_qcow:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp_qcow)
+    _finish(ctx)
+
+
+def _write_raw(ctx: JobContext, fd: int, out: int, pool: Pool, name: str, limit: int) -> int | None:
+    """Copy the (decompressed) input into OUT, sparse.  Returns the size, or
+    None when the data turned out to be qcow2 (left in OUT for conversion)."""
+    progress = ProgressLogger(ctx, "Imported")
+    size = _input_size(fd)
+    if size is not None:
+        head = os.pread(fd, 6, 0)
+        if compress.detect(head) == compress.Compression.NONE and not qcow2.is_qcow2(head[:QCOW2_HEAD]):
+            if size > limit:
+                raise TransferError(f"Image of {size} bytes exceeds the size limit of {limit} bytes")
+            sparse.copy_sparse(fd, out, JobContext(ctx.cancel, ctx.log, progress), size)
+            return size
+    writer = sparse.SparseWriter(out)
+    first = True
+    is_qcow = False
+    sub = JobContext(ctx.cancel, ctx.log, progress)
+    for chunk in compress.decompressed_chunks(fd, sub, size=size, max_output=limit):
+        if first:
+            is_qcow = qcow2.is_qcow2(bytes(chunk[:QCOW2_HEAD]))
+            first = False
+        if is_qcow:
+            _write_all(out, chunk)
+        else:
+            writer.write(chunk)
+    if is_qcow:
+        return None
+    return writer.finish()
+
+
+def _write_all(fd: int, data) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def _convert_qcow2(ctx: JobContext, qcow_fd: int, raw_path: str, limit: int) -> int:
+    ctx.log("Unpacking QCOW2 file.")
+    out = os.open(raw_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        def progress(done: int, total: int) -> None:
+            ctx.check()
+
+        return qcow2.convert_to_raw(qcow_fd, out, cancel=ctx.cancel, progress=progress, max_size=limit)
+    except qcow2.Canceled:
+        raise Canceled() from None
+    finally:
+        os.close(out)
+
+
+def import_fs(ctx: JobContext, dir_fd: int, pool: Pool, name: str, force: bool, read_only: bool) -> None:
+    _check_target(pool, name, force)
+    ctx.log(f"Importing '{fd_path(dir_fd)}', saving as '{name}'.")
+    final = os.path.join(pool.path, name)
+    with image_name_lock(name):
+        tmp = ops.temp_name(pool.path, name)
+        try:
+            # Copy through the fd, not the path: the path may have changed.
+            ops.make_tree_copy(f"/proc/{os.getpid()}/fd/{dir_fd}", tmp, False)
+            ctx.check()
+            _check_target(pool, name, force)
+            ops.install_image(tmp, final, force=force, read_only=read_only)
+        except BaseException:
+            ops.remove_path(tmp)
+            raise
+    ctx.log(f"Directory '{final} successfully installed. Exiting.")
+
+
+# --- exports ---------------------------------------------------------------------
+
+
+def _find_for_export(pool: Pool, name: str) -> Image:
+    image = pool.find(name)
+    if image is None:
+        raise TransferError(f"Machine image {name} not found.")
+    return image
+
+
+def export_tar(ctx: JobContext, pool: Pool, name: str, out_fd: int, fmt: str) -> None:
+    image = _find_for_export(pool, name)
+    kind = compress.parse_format(fmt)
+    ctx.log(f"Exporting '{image.path}', saving to '{fd_path(out_fd)}' with compression '{kind}'.")
+    if image.type not in (ImageType.DIRECTORY, ImageType.SUBVOLUME):
+        raise TransferError("Failed to export image: Not a directory")
+    source = image.path
+    snapshot = None
+    total = image.usage if image.usage not in (0, 2**64 - 1) else None
+    try:
+        if image.type == ImageType.SUBVOLUME:
+            # Export a read-only snapshot, so the tarball is consistent.
+            snapshot = ops.temp_name(os.path.dirname(image.path), name)
+            btrfs.snapshot(image.path, snapshot, read_only=True)
+            source = snapshot
+        if total is None:
+            total = _tree_size(source)
+        progress = ProgressLogger(ctx, "Exported")
+        writer = compress.compressed_writer(out_fd, kind, ctx)
+        done = 0
+        try:
+            for chunk in tarball.pack_tar(source, ctx):
+                writer.write(chunk)
+                done += len(chunk)
+                if total:
+                    progress(min(done / total, 1.0))
+        finally:
+            writer.close()
+    finally:
+        if snapshot:
+            ops.remove_path(snapshot)
+    _finish(ctx)
+
+
+def _tree_size(path: str) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, f)).st_blocks * 512
+    return total
+
+
+def export_raw(ctx: JobContext, pool: Pool, name: str, out_fd: int, fmt: str) -> None:
+    image = _find_for_export(pool, name)
+    kind = compress.parse_format(fmt)
+    ctx.log(f"Exporting '{image.path}', saving to '{fd_path(out_fd)}' with compression '{kind}'.")
+    if image.type != ImageType.RAW:
+        raise TransferError("Failed to export image: Is a directory")
+    progress = ProgressLogger(ctx, "Exported")
+    src = os.open(image.path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size = os.fstat(src).st_size
+        if kind == compress.Compression.NONE and stat.S_ISREG(os.fstat(out_fd).st_mode):
+            sparse.copy_sparse(src, out_fd, JobContext(ctx.cancel, ctx.log, progress), size)
+        else:
+            writer = compress.compressed_writer(out_fd, kind, ctx)
+            try:
+                done = 0
+                while True:
+                    ctx.check()
+                    chunk = os.read(src, 1 << 20)
+                    if not chunk:
+                        break
+                    writer.write(chunk)
+                    done += len(chunk)
+                    if size:
+                        progress(done / size)
+            finally:
+                writer.close()
+    finally:
+        os.close(src)
+    _finish(ctx)
