@@ -22,6 +22,7 @@ Blocking code: importd runs ``convert_to_raw`` in a worker thread.
 
 from __future__ import annotations
 
+import collections
 import errno
 import os
 import struct
@@ -30,6 +31,7 @@ import threading
 import zlib
 from array import array
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from imagepool.errors import PoolError
 
@@ -58,10 +60,11 @@ _MIN_CLUSTER_BITS = 9
 _MAX_CLUSTER_BITS = 21
 _SECTOR = 512
 
-_CHUNK = 8 << 20  # the largest single read of contiguous data clusters
+_CHUNK = 4 << 20  # the virtual disk handled per worker task
 _L1_BATCH = 8192  # L1 entries read at a time
 _WINDOW = 1 << 20  # read-ahead for compressed clusters (packed back to back)
-_DIRECT_WRITE = 256 << 10  # pieces this large are written without copying
+_IOV_MAX = 1024
+_MAX_WORKERS = 4
 _CANCEL_EVERY = 4 << 20
 _PROGRESS_EVERY = 16 << 20
 _ZSTD_MAX_WINDOW = 8 << 20
@@ -219,51 +222,35 @@ def _zstd_frame_length(frame: memoryview) -> int:
     return pos
 
 
-class _Output:
-    """Writes pieces of the virtual disk, never past its end, coalescing small
-    adjacent pieces into one pwrite."""
-
-    def __init__(self, fd: int, limit: int) -> None:
-        self.fd = fd
-        self.limit = limit
-        self.pending = bytearray()
-        self.pending_offset = 0
-
-    def put(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        if offset + len(data) > self.limit:
-            data = memoryview(data)[: max(self.limit - offset, 0)]
-        if not data:
-            return
-        pending = self.pending
-        if pending and offset == self.pending_offset + len(pending) and len(pending) + len(data) <= _CHUNK:
-            pending += data
-            return
-        self.flush()
-        if len(data) >= _DIRECT_WRITE:
-            self._write(offset, data)
-        else:
-            self.pending_offset = offset
-            pending += data
-
-    def flush(self) -> None:
-        if self.pending:
-            self._write(self.pending_offset, self.pending)
-            self.pending.clear()
-
-    def _write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        view = memoryview(data)
-        try:
-            done = 0
-            while done < len(view):
-                n = os.pwrite(self.fd, view[done:], offset + done)
-                if n <= 0:
-                    raise OSError(errno.EIO, "short write")
-                done += n
-        finally:
-            view.release()
+def _write_all(fd: int, parts: list, offset: int) -> None:
+    """pwritev() ``parts`` at ``offset``, finishing short writes."""
+    while parts:
+        batch = parts[:_IOV_MAX]
+        parts = parts[_IOV_MAX:]
+        want = sum(len(p) for p in batch)
+        n = os.pwritev(fd, batch, offset)
+        if n <= 0:
+            raise OSError(errno.EIO, "short write")
+        offset += n
+        if n < want:
+            rest = []
+            for p in batch:
+                if n >= len(p):
+                    n -= len(p)
+                else:
+                    rest.append(memoryview(p)[n:])
+                    n = 0
+            parts = rest + parts
 
 
 class _Converter:
+    """Walks the tables in the calling thread, which also does all reading of
+    the image (and all checks of its offsets).  Zero detection,
+    decompression and writing happen in a few worker threads, one batch of
+    clusters (up to ``_CHUNK`` of the virtual disk) per task, so that reading,
+    decompressing and writing overlap; pread, pwrite, zlib and zstd all
+    release the GIL."""
+
     def __init__(
         self,
         src_fd: int,
@@ -274,22 +261,19 @@ class _Converter:
         progress: Callable[[int, int], None] | None,
     ) -> None:
         self.fd = src_fd
+        self.dst_fd = dst_fd
         self.file_size = file_size
         self.h = header
         self.size = header.size
         self.cancel = cancel
         self.progress = progress
-        self.out = _Output(dst_fd, header.size)
 
         bits = header.cluster_bits
         cs = self.cs = 1 << bits
         self.l2_entries = cs // 8
         self.l2_cover = cs * self.l2_entries
         self.zero_cluster = bytes(cs)
-        chunk = max(_CHUNK, cs)
-        self.max_run = chunk // cs
-        self.chunk = bytearray(chunk)
-        self.chunk_view = memoryview(self.chunk)
+        self.chunk_size = max(_CHUNK, cs)
         # Non-compressed entries extend a run only when these bits are exactly
         # the next host offset: not compressed, not zero-flagged.
         self.run_mask = _OFFSET_MASK | _OFLAG_COMPRESSED | _OFLAG_ZERO
@@ -300,14 +284,32 @@ class _Converter:
         self.coffset_mask = (1 << self.csize_shift) - 1
         self.window = b""
         self.window_offset = 0
-        self.zstd = None
         if header.compression == _COMPRESSION_ZSTD:
             try:
                 import zstandard
             except ImportError:  # pragma: no cover - a packaging problem
                 raise Qcow2Error("qcow2 image is zstd compressed, but zstd support is not available") from None
-            self.zstd_module = zstandard
-            self.zstd = zstandard.ZstdDecompressor(max_window_size=_ZSTD_MAX_WINDOW)
+            self.zstandard = zstandard
+            self.local = threading.local()
+            self.decompress = self.unzstd
+        else:
+            self.decompress = self.inflate
+
+        # The batch being filled: clusters read into a buffer (as segments
+        # (position in buffer, virtual offset, length)), or compressed data.
+        self.buf: bytearray | None = None
+        self.used = 0
+        self.segments: list[tuple[int, int, int]] = []
+        self.compressed: list[tuple[int, memoryview]] = []
+        self.compressed_max = self.chunk_size // cs
+
+        workers = max(1, min(_MAX_WORKERS, os.cpu_count() or 1))
+        self.max_inflight = 2 * workers
+        self.max_buffers = self.max_inflight + 1
+        self.allocated = 0
+        self.free: list[bytearray] = []
+        self.inflight: collections.deque[Future] = collections.deque()
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qcow2")
 
         self.checked = 0
         self.reported = 0
@@ -315,7 +317,7 @@ class _Converter:
     # -- bookkeeping ---------------------------------------------------------
 
     def tick(self, position: int) -> None:
-        """Called as the conversion passes virtual offset ``position``."""
+        """Called as the walk passes virtual offset ``position``."""
         if position - self.checked >= _CANCEL_EVERY:
             self.checked = position
             if self.cancel is not None and self.cancel.is_set():
@@ -323,6 +325,39 @@ class _Converter:
         if self.progress is not None and position - self.reported >= _PROGRESS_EVERY:
             self.reported = position
             self.progress(position, self.size)
+
+    def submit(self, fn: Callable, *args: object) -> None:
+        inflight = self.inflight
+        while inflight and (len(inflight) >= self.max_inflight or inflight[0].done()):
+            inflight.popleft().result()
+        inflight.append(self.pool.submit(fn, *args))
+
+    def get_buffer(self) -> bytearray:
+        while True:
+            if self.free:
+                return self.free.pop()
+            if self.allocated < self.max_buffers or not self.inflight:
+                self.allocated += 1
+                return bytearray(self.chunk_size)
+            self.inflight.popleft().result()
+
+    def flush_data(self) -> None:
+        if self.buf is not None:
+            buf, segments = self.buf, self.segments
+            self.buf, self.used, self.segments = None, 0, []
+            if segments:
+                self.submit(self.write_data, buf, segments)
+            else:
+                self.free.append(buf)
+
+    def flush_compressed(self) -> None:
+        if self.compressed:
+            items, self.compressed = self.compressed, []
+            self.submit(self.write_compressed, items)
+
+    def close(self) -> None:
+        """Wait for every task; after this nothing writes to the output."""
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
     # -- the walk ------------------------------------------------------------
 
@@ -345,8 +380,11 @@ class _Converter:
                         raise Qcow2Error("qcow2 L2 table offset beyond end of file")
                     self.convert_l2(start, l2_offset)
                 self.tick(min(start + self.l2_cover, self.size))
-        self.out.flush()
-        os.ftruncate(self.out.fd, self.size)
+        self.flush_data()
+        self.flush_compressed()
+        while self.inflight:
+            self.inflight.popleft().result()
+        os.ftruncate(self.dst_fd, self.size)
         if self.progress is not None and self.reported != self.size:
             self.reported = self.size
             self.progress(self.size, self.size)
@@ -362,13 +400,12 @@ class _Converter:
         n = min(self.l2_entries, -(-(self.size - start) // cs))
         file_size = self.file_size
         run_mask = self.run_mask
-        max_run = self.max_run
         v2 = self.h.version < 3
         k = 0
         while k < n:
             entry = entries[k]
             if entry & _OFLAG_COMPRESSED:
-                self.convert_compressed(start + k * cs, entry)
+                self.add_compressed(start + k * cs, entry)
                 k += 1
                 self.tick(start + k * cs)
                 continue
@@ -385,47 +422,48 @@ class _Converter:
                 raise Qcow2Error("qcow2 data cluster offset not cluster-aligned")
             if offset >= file_size:
                 raise Qcow2Error("qcow2 data cluster offset beyond end of file")
+            if self.buf is None:
+                self.buf = self.get_buffer()
             j = k + 1
-            limit = min(n, k + max_run)
+            limit = min(n, k + (self.chunk_size - self.used) // cs)
             following = offset + cs
             while j < limit and following < file_size and entries[j] & run_mask == following:
                 j += 1
                 following += cs
-            self.copy_run(start + k * cs, offset, j - k)
+            self.add_data(start + k * cs, offset, j - k)
             k = j
             self.tick(start + k * cs)
 
-    def copy_run(self, virtual: int, offset: int, count: int) -> None:
-        """Copy ``count`` clusters, contiguous both in the image and on the
-        virtual disk, skipping the all-zero ones."""
-        cs = self.cs
-        length = count * cs
-        view = self.chunk_view
+    def add_data(self, virtual: int, offset: int, count: int) -> None:
+        """Read ``count`` clusters, contiguous in the image, into the batch."""
+        buf = self.buf
+        assert buf is not None
+        length = count * self.cs
+        used = self.used
+        view = memoryview(buf)[used : used + length]
         got = 0
         while got < length:
-            n = os.preadv(self.fd, [view[got:length]], offset + got)
+            n = os.preadv(self.fd, [view[got:]], offset + got)
             if n <= 0:
                 break
             got += n
         if got < length:
-            # The last cluster runs past the end of the file: it reads as
-            # zeros there (each cluster of the run starts inside the file).
-            view[got:length] = bytes(length - got)
-        buf = self.chunk
-        zero = self.zero_cluster
-        i = 0
-        while i < count:
-            while i < count and buf.startswith(zero, i * cs):
-                i += 1
-            if i == count:
-                break
-            first = i
-            i += 1
-            while i < count and not buf.startswith(zero, i * cs):
-                i += 1
-            self.out.put(virtual + first * cs, view[first * cs : i * cs])
-
-    # -- compressed clusters -------------------------------------------------
+            # The last cluster runs past the end of the file (each one of the
+            # run starts inside it): there it reads as zeros.
+            view[got:] = bytes(length - got)
+        view.release()
+        segments = self.segments
+        if segments:
+            pos, start, seg_length = segments[-1]
+            if pos + seg_length == used and start + seg_length == virtual:
+                segments[-1] = (pos, start, seg_length + length)
+            else:
+                segments.append((used, virtual, length))
+        else:
+            segments.append((used, virtual, length))
+        self.used = used + length
+        if self.used + self.cs > len(buf):
+            self.flush_data()
 
     def read_compressed(self, offset: int, length: int) -> memoryview:
         if offset >= self.file_size:
@@ -440,17 +478,74 @@ class _Converter:
             end = min(end, offset + len(self.window))
         return memoryview(self.window)[offset - start : end - start]
 
-    def convert_compressed(self, virtual: int, entry: int) -> None:
+    def add_compressed(self, virtual: int, entry: int) -> None:
         offset = entry & self.coffset_mask
         sectors = ((entry >> self.csize_shift) & self.csize_mask) + 1
         length = sectors * _SECTOR - (offset & (_SECTOR - 1))
-        data = self.read_compressed(offset, length)
-        if self.zstd is None:
-            cluster = self.inflate(data)
-        else:
-            cluster = self.unzstd(data)
-        if cluster != self.zero_cluster:
-            self.out.put(virtual, cluster)
+        self.compressed.append((virtual, self.read_compressed(offset, length)))
+        if len(self.compressed) >= self.compressed_max:
+            self.flush_compressed()
+
+    # -- the workers ---------------------------------------------------------
+
+    def emit(self, virtual: int, parts: list) -> None:
+        """Write ``parts`` at ``virtual``, cut at the end of the virtual disk."""
+        room = self.size - virtual
+        total = sum(len(p) for p in parts)
+        if total > room:
+            kept = []
+            for p in parts:
+                if room <= 0:
+                    break
+                kept.append(memoryview(p)[:room])
+                room -= len(p)
+            parts = kept
+        _write_all(self.dst_fd, parts, virtual)
+
+    def write_data(self, buf: bytearray, segments: list[tuple[int, int, int]]) -> None:
+        """Write the non-zero clusters of a batch of read clusters."""
+        try:
+            cs = self.cs
+            zero = self.zero_cluster
+            view = memoryview(buf)
+            for pos, virtual, length in segments:
+                end = pos + length
+                a = pos
+                while a < end:
+                    while a < end and buf.startswith(zero, a):
+                        a += cs
+                    if a >= end:
+                        break
+                    b = a + cs
+                    while b < end and not buf.startswith(zero, b):
+                        b += cs
+                    self.emit(virtual + (a - pos), [view[a:b]])
+                    a = b
+            view.release()
+        finally:
+            self.free.append(buf)
+
+    def write_compressed(self, items: list[tuple[int, memoryview]]) -> None:
+        """Decompress a batch of compressed clusters, write the non-zero ones."""
+        cs = self.cs
+        zero = self.zero_cluster
+        decompress = self.decompress
+        group: list[bytes] = []
+        group_start = group_end = 0
+        for virtual, data in items:
+            cluster = decompress(data)
+            if cluster == zero:
+                continue
+            if group and virtual == group_end:
+                group.append(cluster)
+            else:
+                if group:
+                    self.emit(group_start, group)
+                group = [cluster]
+                group_start = virtual
+            group_end = virtual + cs
+        if group:
+            self.emit(group_start, group)
 
     def inflate(self, data: memoryview) -> bytes:
         try:
@@ -465,7 +560,10 @@ class _Converter:
         """Decode zstd frames until one cluster is complete; the last frame
         must end exactly there.  Anything after it is ignored (the sector
         count is rounded up, so it is usually the next compressed cluster)."""
-        zstandard = self.zstd_module
+        zstandard = self.zstandard
+        dctx = getattr(self.local, "dctx", None)
+        if dctx is None:
+            dctx = self.local.dctx = zstandard.ZstdDecompressor(max_window_size=_ZSTD_MAX_WINDOW)
         remaining = self.cs
         pieces: list[bytes] = []
         pos = 0
@@ -483,7 +581,7 @@ class _Converter:
                 content_size = zstandard.get_frame_parameters(frame).content_size
                 if content_size != zstandard.CONTENTSIZE_UNKNOWN and content_size > remaining:
                     raise Qcow2Error("qcow2 compressed cluster decompresses to the wrong size")
-                piece = self.zstd.decompress(frame, max_output_size=remaining)
+                piece = dctx.decompress(frame, max_output_size=remaining)
             except zstandard.ZstdError:
                 raise Qcow2Error("qcow2 compressed cluster is corrupt") from None
             if len(piece) > remaining:
@@ -507,11 +605,16 @@ def convert_to_raw(
     (an empty regular file), sparsely, and return its size.
 
     Both are read and written at explicit offsets; file positions are left
-    alone.  ``progress(done, total)`` is called every 16 MiB or so of the
-    virtual disk and at the end; ``cancel`` is polled every few MiB and stops
-    the conversion with ``Canceled``.  Raises ``Qcow2Error`` for anything
-    malformed or refused, OSError for I/O errors."""
+    alone.  ``progress(done, total)`` is called from the calling thread every
+    16 MiB or so of the virtual disk and at the end; ``cancel`` is polled
+    every few MiB and stops the conversion with ``Canceled``.  Raises
+    ``Qcow2Error`` for anything malformed or refused, OSError for I/O errors.
+    When it returns or raises, nothing writes to ``dst_fd`` any more."""
     file_size = os.fstat(src_fd).st_size
     header = _parse_header(src_fd, file_size, max_size)
-    _Converter(src_fd, dst_fd, file_size, header, cancel, progress).run()
+    converter = _Converter(src_fd, dst_fd, file_size, header, cancel, progress)
+    try:
+        converter.run()
+    finally:
+        converter.close()
     return header.size
