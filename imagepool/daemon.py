@@ -61,11 +61,24 @@ def sd_notify(message: str) -> bool:
     return True
 
 
-def parse_args(prog: str, argv: list[str] | None) -> argparse.Namespace:
+def make_parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog)
     parser.add_argument("--pool", default=DEFAULT_POOL, help="image pool directory (default: %(default)s)")
     parser.add_argument("--debug", action="store_true", help="log debug messages")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(prog: str, argv: list[str] | None) -> argparse.Namespace:
+    return make_parser(prog).parse_args(argv)
+
+
+def parse_size(text: str) -> int:
+    """Bytes, with an optional K/M/G/T suffix (1024-based)."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    text = text.strip().upper().removesuffix("B")
+    if text and text[-1] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(text)
 
 
 def open_system_bus() -> sdbus.SdBus:

@@ -7,6 +7,7 @@ import logging
 
 from imagepool import daemon
 from imagepool.image import Pool
+from importd.local import DEFAULT_MAX_IMAGE_SIZE
 from importd.manager_dbus import MANAGER_PATH, ImportManagerObject
 
 log = logging.getLogger("importd")
@@ -14,9 +15,9 @@ log = logging.getLogger("importd")
 BUS_NAME = "org.freedesktop.import1"
 
 
-async def serve(pool_path: str, stop: asyncio.Event) -> None:
+async def serve(pool_path: str, max_image_size: int, stop: asyncio.Event) -> None:
     bus = daemon.open_system_bus()
-    manager = ImportManagerObject(Pool(pool_path))
+    manager = ImportManagerObject(Pool(pool_path), max_image_size)
     manager.export_to_dbus(MANAGER_PATH)
     await daemon.request_name(bus, BUS_NAME)
     daemon.sd_notify("READY=1\nSTATUS=Processing requests...")
@@ -29,9 +30,13 @@ async def serve(pool_path: str, stop: asyncio.Event) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = daemon.parse_args("importd", argv)
+    parser = daemon.make_parser("importd")
+    parser.add_argument("--max-image-size", type=daemon.parse_size, default=DEFAULT_MAX_IMAGE_SIZE,
+                        help="largest image an import or pull may write, e.g. 10G (default: 64G); "
+                             "the pool's free space caps it too")
+    args = parser.parse_args(argv)
     daemon.setup_logging(args.debug)
-    return daemon.run(lambda stop: serve(args.pool, stop))
+    return daemon.run(lambda stop: serve(args.pool, args.max_image_size, stop))
 
 
 if __name__ == "__main__":

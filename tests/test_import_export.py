@@ -230,6 +230,9 @@ def test_list_and_cancel_transfer(pool: Pool, services: Daemons, tmp_path: Path)
         row = next(line for line in listing.splitlines() if "stuck" in line)
         transfer_id = row.split()[0]
         assert "import-tar" in row
+        # A second transfer to the same name is refused while this one runs.
+        r = mc("import-tar", str(tmp_path / "t.tar"), "stuck", ok=False)
+        assert r.returncode == 1 and "Transfer for stuck already in progress." in r.stderr
         started = time.monotonic()
         mc("cancel-transfer", transfer_id)
         proc.wait(timeout=10)
@@ -322,3 +325,38 @@ def test_machinectl_matches_reference_importd(pool: Pool, daemons: Daemons, tmp_
     assert not mismatches, "\n".join(mismatches)
     assert our_names == ref_names
     assert "t" in our_names and "fs1" in our_names
+
+
+@pytest.mark.parametrize("pool", ["btrfs"], indirect=True)
+@pytest.mark.parametrize("kind", ["raw", "tar"])
+def test_decompression_bomb_stops_at_free_space(pool: Pool, services: Daemons, tmp_path: Path, kind: str) -> None:
+    """3 GiB of zeros, compressed to almost nothing, into a 2 GiB pool."""
+    bomb = tmp_path / f"bomb.{kind}.zst"
+    if kind == "raw":
+        cmd = f"head -c 3G /dev/zero | zstd -q -1 -T2 > {bomb}"
+    else:
+        zeros = tmp_path / "zeros"
+        subprocess.run(["truncate", "-s", "3G", str(zeros)], check=True)
+        cmd = f"tar -C {tmp_path} -c zeros | zstd -q -1 -T2 > {bomb}"
+    subprocess.run(cmd, shell=True, check=True)
+    assert bomb.stat().st_size < 10 << 20
+    r = mc(f"import-{kind}", str(bomb), "bomb", ok=False)
+    assert r.returncode == 1
+    assert "bomb" not in image_names(pool) and leftovers(pool) == []
+    free = os.statvfs(pool.path)
+    assert free.f_bavail * free.f_frsize > 1 << 30
+
+
+def test_size_cap_is_configurable(tmp_path: Path) -> None:
+    from imagepool.image import Pool as ImagePool
+    from importd import local
+    from importd.context import JobContext, TransferError
+
+    src = tmp_path / "zeros.raw.zst"
+    subprocess.run(f"head -c 64M /dev/zero | zstd -q -c > {src}", shell=True, check=True)
+    pool_dir = tmp_path / "pool"
+    pool_dir.mkdir()
+    with open(src, "rb") as f, pytest.raises(TransferError, match="size limit"):
+        local.import_raw(JobContext(), f.fileno(), ImagePool(str(pool_dir), []), "b", False, False,
+                         max_size=16 << 20)
+    assert os.listdir(pool_dir) == []
