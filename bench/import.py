@@ -30,7 +30,8 @@ rebuilds them):
   disk.qcow2        qemu-img convert -O qcow2
   disk-c.qcow2      qemu-img convert -O qcow2 -c (zlib-compressed clusters)
   rootfs.tar.xz     a ~200 MB tree (/usr/lib/python3*, /usr/share/man,
-                    /usr/share/perl, os-release) as tar, xz -6 -T2
+                    /usr/share/perl, /usr/share/vim, os-release) as tar,
+                    xz -6 -T2
   rootfs.tar.gz     the same tar, gzip -6
 
 For each input and run, our importd and the reference alternate (the order
@@ -116,7 +117,7 @@ SEGMENTS_RANDOM = 72
 SEGMENTS_USR = 72
 USR_SOURCES = ("/usr/lib/x86_64-linux-gnu", "/usr/bin", "/usr/lib", "/usr/share")
 TAR_MEMBERS = ("etc/os-release", "usr/lib/os-release", "usr/lib/python3", "usr/lib/python3.11",
-               "usr/share/man", "usr/share/perl")
+               "usr/share/man", "usr/share/perl", "usr/share/vim")
 
 # key: file, import kind, compression, target (("ratio", x) or ("mbps", x)), reference timed?
 INPUTS: dict[str, dict] = {
@@ -439,6 +440,8 @@ def generate(cache: Path, regen: bool, cleanups: Cleanups) -> dict:
     if cache.exists():
         for spec in INPUTS.values():
             (cache / spec["file"]).unlink(missing_ok=True)
+        for leftover in cache.glob("*.tmp"):
+            leftover.unlink()
         manifest_path.unlink(missing_ok=True)
     cache.mkdir(parents=True, exist_ok=True)
     gen = Generator(cache, cleanups)

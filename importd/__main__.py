@@ -7,6 +7,7 @@ import logging
 
 from imagepool import daemon
 from imagepool.image import Pool
+from importd.http import DEFAULT_STALL_TIMEOUT, MAX_RETRIES, HttpOptions
 from importd.local import DEFAULT_MAX_IMAGE_SIZE
 from importd.manager_dbus import MANAGER_PATH, ImportManagerObject
 
@@ -15,9 +16,9 @@ log = logging.getLogger("importd")
 BUS_NAME = "org.freedesktop.import1"
 
 
-async def serve(pool_path: str, max_image_size: int, stop: asyncio.Event) -> None:
+async def serve(pool_path: str, max_image_size: int, http: HttpOptions, stop: asyncio.Event) -> None:
     bus = daemon.open_system_bus()
-    manager = ImportManagerObject(Pool(pool_path), max_image_size)
+    manager = ImportManagerObject(Pool(pool_path), max_image_size, http)
     manager.export_to_dbus(MANAGER_PATH)
     await daemon.request_name(bus, BUS_NAME)
     daemon.sd_notify("READY=1\nSTATUS=Processing requests...")
@@ -34,9 +35,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-image-size", type=daemon.parse_size, default=DEFAULT_MAX_IMAGE_SIZE,
                         help="largest image an import or pull may write, e.g. 10G (default: 64G); "
                              "the pool's free space caps it too")
+    parser.add_argument("--stall-timeout", type=float, default=DEFAULT_STALL_TIMEOUT,
+                        help="fail a download that receives no data for this many seconds (default: %(default)s)")
+    parser.add_argument("--retries", type=int, default=MAX_RETRIES,
+                        help="how often a dropped download is resumed (default: %(default)s)")
     args = parser.parse_args(argv)
     daemon.setup_logging(args.debug)
-    return daemon.run(lambda stop: serve(args.pool, args.max_image_size, stop))
+    http = HttpOptions(stall_timeout=args.stall_timeout, retries=args.retries)
+    return daemon.run(lambda stop: serve(args.pool, args.max_image_size, http, stop))
 
 
 if __name__ == "__main__":

@@ -31,6 +31,21 @@ class JobContext:
     cancel: threading.Event = field(default_factory=threading.Event)
     log: Callable[[str], None] = _ignore_log
     progress: Callable[[float], None] = _ignore_progress
+    # Called (from another thread) when cancellation is requested, to wake
+    # the job from a blocking wait, e.g. by shutting down a socket.
+    cancel_hooks: list[Callable[[], None]] = field(default_factory=list)
+
+    def request_cancel(self) -> None:
+        self.cancel.set()
+        for hook in list(self.cancel_hooks):
+            try:
+                hook()
+            except Exception:  # a hook racing with the job's own cleanup
+                pass
+
+    def derive(self, progress: Callable[[float], None]) -> JobContext:
+        """The same job with another progress callback (for a sub-step)."""
+        return JobContext(self.cancel, self.log, progress, self.cancel_hooks)
 
     def check(self) -> None:
         """Raise Canceled once cancellation was requested; jobs call this at

@@ -97,7 +97,7 @@ def import_tar(ctx: JobContext, fd: int, pool: Pool, name: str, force: bool, rea
             unpacker = tarball.TarUnpacker(tmp, ctx)
             progress = ProgressLogger(ctx, "Imported")
             size = _input_size(fd)
-            sub = JobContext(ctx.cancel, ctx.log, progress)
+            sub = ctx.derive(progress)
             for chunk in compress.decompressed_chunks(fd, sub, size=size, max_output=_size_limit(pool, max_size)):
                 unpacker.write(chunk)
             unpacker.finish()
@@ -124,12 +124,12 @@ def import_raw(ctx: JobContext, fd: int, pool: Pool, name: str, force: bool, rea
         try:
             out = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
             try:
-                size = _write_raw(ctx, fd, out, pool, name, limit)
+                size = write_raw(ctx, fd, out, limit)
                 if size is None:
                     # qcow2 needs random access: convert the downloaded copy.
                     tmp_qcow = tmp + ".qcow2"
                     os.rename(tmp, tmp_qcow)
-                    size = _convert_qcow2(ctx, out, tmp, limit)
+                    size = convert_qcow2(ctx, out, tmp, limit)
                 ctx.log(f"Wrote {format_bytes(size)}.")
             finally:
                 os.close(out)
@@ -148,7 +148,7 @@ def import_raw(ctx: JobContext, fd: int, pool: Pool, name: str, force: bool, rea
     _finish(ctx)
 
 
-def _write_raw(ctx: JobContext, fd: int, out: int, pool: Pool, name: str, limit: int) -> int | None:
+def write_raw(ctx: JobContext, fd: int, out: int, limit: int) -> int | None:
     """Copy the (decompressed) input into OUT, sparse.  Returns the size, or
     None when the data turned out to be qcow2 (left in OUT for conversion)."""
     progress = ProgressLogger(ctx, "Imported")
@@ -158,12 +158,12 @@ def _write_raw(ctx: JobContext, fd: int, out: int, pool: Pool, name: str, limit:
         if compress.detect(head) == compress.Compression.NONE and not qcow2.is_qcow2(head[:QCOW2_HEAD]):
             if size > limit:
                 raise TransferError(f"Image of {size} bytes exceeds the size limit of {limit} bytes")
-            sparse.copy_sparse(fd, out, JobContext(ctx.cancel, ctx.log, progress), size)
+            sparse.copy_sparse(fd, out, ctx.derive(progress), size)
             return size
     writer = sparse.SparseWriter(out)
     first = True
     is_qcow = False
-    sub = JobContext(ctx.cancel, ctx.log, progress)
+    sub = ctx.derive(progress)
     for chunk in compress.decompressed_chunks(fd, sub, size=size, max_output=limit):
         if first:
             is_qcow = qcow2.is_qcow2(bytes(chunk[:QCOW2_HEAD]))
@@ -184,7 +184,7 @@ def _write_all(fd: int, data) -> None:
         view = view[n:]
 
 
-def _convert_qcow2(ctx: JobContext, qcow_fd: int, raw_path: str, limit: int) -> int:
+def convert_qcow2(ctx: JobContext, qcow_fd: int, raw_path: str, limit: int) -> int:
     ctx.log("Unpacking QCOW2 file.")
     out = os.open(raw_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:
@@ -280,7 +280,7 @@ def export_raw(ctx: JobContext, pool: Pool, name: str, out_fd: int, fmt: str) ->
     try:
         size = os.fstat(src).st_size
         if kind == compress.Compression.NONE and stat.S_ISREG(os.fstat(out_fd).st_mode):
-            sparse.copy_sparse(src, out_fd, JobContext(ctx.cancel, ctx.log, progress), size)
+            sparse.copy_sparse(src, out_fd, ctx.derive(progress), size)
         else:
             writer = compress.compressed_writer(out_fd, kind, ctx)
             try:

@@ -22,7 +22,8 @@ from imagepool.bus import UNPRIVILEGED, require_root, translated
 from imagepool.errors import Errno, InvalidArgs
 from imagepool.image import Pool
 from imagepool.names import image_name_is_valid
-from importd import local
+from importd import local, pull
+from importd.http import HttpOptions
 from importd.context import JobContext
 from importd.transfer import Transfer, TransferManager, TransferType
 from importd.transfer_dbus import TransferObject, transfer_object_path
@@ -73,10 +74,12 @@ def _check_dir_fd(fd: int) -> None:
 
 
 class ImportManagerObject(DbusInterfaceCommonAsync, interface_name="org.freedesktop.import1.Manager"):
-    def __init__(self, machine_pool: Pool, max_image_size: int = local.DEFAULT_MAX_IMAGE_SIZE) -> None:
+    def __init__(self, machine_pool: Pool, max_image_size: int = local.DEFAULT_MAX_IMAGE_SIZE,
+                 http: HttpOptions | None = None) -> None:
         super().__init__()
         self.machine_pool = machine_pool
         self.max_image_size = max_image_size
+        self.http = http or HttpOptions()
         self.transfers = TransferManager()
         self.objects: dict[int, TransferObject] = {}
         self.transfers.on_new = self._transfer_new
@@ -102,19 +105,74 @@ class ImportManagerObject(DbusInterfaceCommonAsync, interface_name="org.freedesk
             obj.handle.stop()
 
     def _start(self, type: TransferType, local_name: str, job: Callable[[JobContext], None],
-               fd: int, image_class: str = "machine") -> tuple[int, str]:
+               fd: int, image_class: str = "machine", remote: str = "", verify: str = "") -> tuple[int, str]:
         def run(ctx: JobContext) -> None:
             try:
                 job(ctx)
             finally:
-                os.close(fd)
+                if fd >= 0:
+                    os.close(fd)
 
         try:
-            transfer = self.transfers.create(type, local_name, run, image_class=image_class)
+            transfer = self.transfers.create(type, local_name, run, image_class=image_class, remote=remote,
+                                             verify=verify)
         except BaseException:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
             raise
         return transfer.id, transfer_object_path(transfer.id)
+
+    async def _pull(self, type: TransferType, url: str, local_name: str, image_class: str, verify_mode: str,
+                    force: bool, read_only: bool, keep_download: bool) -> tuple[int, str]:
+        await require_root()
+        mode = pull.check_request(url, local_name, verify_mode)
+        pool = self.pool_for(image_class)
+        await asyncio.to_thread(ops.setup_pool, pool)
+        req = pull.PullRequest(
+            kind="tar" if type == TransferType.PULL_TAR else "raw", url=url, local=local_name, verify=mode,
+            force=force, read_only=read_only, keep_download=keep_download, settings=image_class == "machine",
+            max_size=self.max_image_size, http=self.http)
+        job = functools.partial(pull.pull, req=req, pool=pool)
+        return self._start(type, local_name, job, -1, image_class, remote=url, verify=str(mode))
+
+    # --- pulls -------------------------------------------------------------------
+
+    @dbus_method_async("sssb", "uo", flags=UNPRIVILEGED, method_name="PullTar",
+                       input_args_names=["url", "local_name", "verify_mode", "force"],
+                       result_args_names=["transfer_id", "transfer_path"])
+    @translated
+    async def pull_tar(self, url: str, local_name: str, verify_mode: str, force: bool) -> tuple[int, str]:
+        return await self._pull(TransferType.PULL_TAR, url, local_name, "machine", verify_mode, force, False, True)
+
+    @dbus_method_async("sssb", "uo", flags=UNPRIVILEGED, method_name="PullRaw",
+                       input_args_names=["url", "local_name", "verify_mode", "force"],
+                       result_args_names=["transfer_id", "transfer_path"])
+    @translated
+    async def pull_raw(self, url: str, local_name: str, verify_mode: str, force: bool) -> tuple[int, str]:
+        return await self._pull(TransferType.PULL_RAW, url, local_name, "machine", verify_mode, force, False, True)
+
+    async def _pull_ex(self, type: TransferType, url: str, local_name: str, image_class: str, verify_mode: str,
+                       flags: int) -> tuple[int, str]:
+        _check_class(image_class)
+        _check_flags(flags, FLAG_FORCE | FLAG_READ_ONLY | FLAG_PULL_KEEP_DOWNLOAD)
+        return await self._pull(type, url, local_name, image_class, verify_mode, bool(flags & FLAG_FORCE),
+                                bool(flags & FLAG_READ_ONLY), bool(flags & FLAG_PULL_KEEP_DOWNLOAD))
+
+    @dbus_method_async("sssst", "uo", flags=UNPRIVILEGED, method_name="PullTarEx",
+                       input_args_names=["url", "local_name", "class", "verify_mode", "flags"],
+                       result_args_names=["transfer_id", "transfer_path"])
+    @translated
+    async def pull_tar_ex(self, url: str, local_name: str, image_class: str, verify_mode: str,
+                          flags: int) -> tuple[int, str]:
+        return await self._pull_ex(TransferType.PULL_TAR, url, local_name, image_class, verify_mode, flags)
+
+    @dbus_method_async("sssst", "uo", flags=UNPRIVILEGED, method_name="PullRawEx",
+                       input_args_names=["url", "local_name", "class", "verify_mode", "flags"],
+                       result_args_names=["transfer_id", "transfer_path"])
+    @translated
+    async def pull_raw_ex(self, url: str, local_name: str, image_class: str, verify_mode: str,
+                          flags: int) -> tuple[int, str]:
+        return await self._pull_ex(TransferType.PULL_RAW, url, local_name, image_class, verify_mode, flags)
 
     async def _prepare_import(self, fd: int, name: str, image_class: str, directory: bool) -> Pool:
         try:

@@ -177,7 +177,7 @@ class TransferManager:
 
     def cancel(self, transfer: Transfer) -> None:
         transfer.cancel_requests += 1
-        transfer.ctx.cancel.set()
+        transfer.ctx.request_cancel()
 
     async def shutdown(self) -> None:
         """Cancel everything and wait: nothing half-written stays behind."""

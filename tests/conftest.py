@@ -43,9 +43,9 @@ def _setup_namespace() -> None:
     # Nothing of the host's pool or settings may be seen or changed.
     POOL.mkdir(parents=True, exist_ok=True)
     subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0700", "tmpfs", str(POOL)], check=True)
-    for d in ("/etc/systemd/nspawn",):
-        os.makedirs(d, exist_ok=True)
-        subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755", "tmpfs", d], check=True)
+    # /etc/systemd too: tests put settings files and the import keyring there.
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755", "tmpfs", "/etc/systemd"], check=True)
+    os.makedirs("/etc/systemd/nspawn")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -91,7 +91,7 @@ def pool(request: pytest.FixtureRequest, tmp_path: Path):
     subprocess.run(["umount", "-R", str(POOL)], check=True)
     # Locks and settings live outside the pool; a test must not leak them.
     subprocess.run(["rm", "-rf", "/run/systemd/nspawn"], check=True)
-    subprocess.run("rm -rf /etc/systemd/nspawn/*", shell=True, check=True)
+    subprocess.run("rm -rf /etc/systemd/nspawn/* /etc/systemd/import-pubring.gpg", shell=True, check=True)
 
 
 class Pool:
@@ -132,10 +132,10 @@ class Daemons:
     def log_of(self, name: str) -> Path:
         return self.logdir / f"{name}.log"
 
-    def start(self, name: str, ours: bool = True) -> world.Service:
+    def start(self, name: str, ours: bool = True, extra: tuple[str, ...] = ()) -> world.Service:
         self.stop(name)
         if ours:
-            svc = world.Service(world.service_argv(name, self.pool.path), _service_env(self.bus),
+            svc = world.Service([*world.service_argv(name, self.pool.path), *extra], _service_env(self.bus),
                                 self.log_of(name))
             svc.start()
         else:

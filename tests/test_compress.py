@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import socket
 import struct
 import subprocess
@@ -13,7 +14,6 @@ import sys
 import threading
 import time
 import zlib
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -143,11 +143,6 @@ def children() -> list[tuple[int, str, str]]:
 
 def xz_children() -> list[tuple[int, str, str]]:
     return [c for c in children() if c[1] == "xz"]
-
-
-def wait_no_xz_children() -> None:
-    # kill+wait happen before the generator returns, so this must hold now
-    assert xz_children() == []
 
 
 def run(cmd: str, **kw) -> None:
@@ -678,7 +673,6 @@ def test_compressor_with_system_tools(kind: Compression, payload: bytes, small: 
 def test_compressor_settings() -> None:
     import lzma
 
-    blob = compress.compressor(Compression.XZ).compress(b"x") + b""
     c = compress.compressor(Compression.XZ)
     blob = c.compress(b"hello" * 1000) + c.finish()
     assert lzma.decompress(blob) == b"hello" * 1000
@@ -813,6 +807,8 @@ def test_sparse_writer(pieces: str, tmp_path: Path) -> None:
 def test_sparse_writer_syscalls(tmp_path: Path) -> None:
     """Adjacent non-zero blocks are written with one call, not one per block
     (counted with strace)."""
+    if shutil.which("strace") is None:
+        pytest.skip("strace is not installed")
     script = tmp_path / "w.py"
     script.write_text(
         "import os, sys\n"

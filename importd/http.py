@@ -1,0 +1,287 @@
+"""One HTTP download at a time, for a pull job's worker thread.
+
+httpx's synchronous client does the HTTP; this module adds what a pull needs
+on top: systemd's messages, size caps, conditional requests (If-None-Match),
+resuming a dropped body with a Range request guarded by If-Range, a stall
+timeout (no byte for N seconds), and cancellation that interrupts a blocked
+read by shutting the socket down.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import email.utils
+import hashlib
+import socket
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import httpx
+
+from importd.context import Canceled, JobContext, TransferError
+
+AUX_MAX = 1 << 20
+DEFAULT_STALL_TIMEOUT = 30.0
+CONNECT_TIMEOUT = 30.0
+MAX_REDIRECTS = 10
+MAX_RETRIES = 5
+USER_AGENT = "systemd-importd/252 (machined-py)"
+
+
+class HttpError(TransferError):
+    def __init__(self, url: str, status: int) -> None:
+        super().__init__(f"HTTP request to {url} failed with code {status}.")
+        self.url = url
+        self.status = status
+
+
+@dataclass
+class HttpOptions:
+    stall_timeout: float = DEFAULT_STALL_TIMEOUT
+    connect_timeout: float = CONNECT_TIMEOUT
+    retries: int = MAX_RETRIES
+    backoff: float = 0.5  # seconds before the first retry; doubles, at most 8 s
+
+
+@dataclass
+class Download:
+    url: str
+    status: int = 0
+    etag: str | None = None
+    last_modified: float | None = None
+    size: int = 0  # bytes received
+    sha256: str = ""
+    not_modified: bool = False  # the server (or the ETag) said we have it
+    resumes: int = 0
+    hasher: hashlib._Hash = field(default_factory=hashlib.sha256, repr=False)
+
+
+def format_bytes(n: int) -> str:
+    if n < 1024:
+        return f"{n}B"
+    value = float(n)
+    for suffix in "KMGTPE":
+        value /= 1024
+        if value < 1024 or suffix == "E":
+            return f"{value:.1f}{suffix}"
+    return f"{n}B"
+
+
+def _parse_date(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return email.utils.parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError):
+        return None
+
+
+def valid_etag(etag: str) -> bool:
+    body = etag[2:] if etag.startswith("W/") else etag
+    return len(body) >= 2 and body[0] == '"' and body[-1] == '"'
+
+
+class Http:
+    """An HTTP client for one transfer (connections are reused within it)."""
+
+    def __init__(self, ctx: JobContext, options: HttpOptions | None = None) -> None:
+        self.ctx = ctx
+        self.options = options or HttpOptions()
+        o = self.options
+        self.client = httpx.Client(
+            follow_redirects=True,
+            max_redirects=MAX_REDIRECTS,
+            timeout=httpx.Timeout(o.stall_timeout, connect=o.connect_timeout),
+            headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
+            trust_env=True,  # http_proxy, https_proxy, no_proxy
+        )
+        self._sockets: set[socket.socket] = set()
+        ctx.cancel_hooks.append(self._interrupt)
+
+    def close(self) -> None:
+        with contextlib.suppress(ValueError):
+            self.ctx.cancel_hooks.remove(self._interrupt)
+        self.client.close()
+
+    def __enter__(self) -> Http:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _interrupt(self) -> None:
+        for sock in list(self._sockets):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    @contextlib.contextmanager
+    def _request(self, url: str, headers: dict[str, str]) -> Iterator[httpx.Response]:
+        self.ctx.check()
+        try:
+            with self.client.stream("GET", url, headers=headers) as response:
+                sock = None
+                stream = response.extensions.get("network_stream")
+                if stream is not None:
+                    sock = stream.get_extra_info("socket")
+                if sock is not None:
+                    self._sockets.add(sock)
+                try:
+                    yield response
+                finally:
+                    if sock is not None:
+                        self._sockets.discard(sock)
+        except httpx.TooManyRedirects:
+            raise TransferError(f"Too many redirects for {url}.") from None
+        except httpx.UnsupportedProtocol:
+            raise TransferError(f"Redirect of {url} to an unsupported protocol.") from None
+        except httpx.ConnectTimeout:
+            self.ctx.check()
+            raise TransferError(f"Timed out connecting to {url}.") from None
+        except httpx.ConnectError as e:
+            self.ctx.check()
+            raise TransferError(f"Failed to connect to {url}: {e}") from None
+
+    def fetch_small(self, url: str, limit: int = AUX_MAX) -> tuple[bytes, Download] | None:
+        """A side file (checksums, signature, settings): None on 404."""
+        info = Download(url)
+        with self._request(url, {}) as response:
+            if response.status_code == 404:
+                self.ctx.log(f"HTTP request to {url} failed with code 404.")
+                return None
+            if response.status_code >= 300:
+                raise HttpError(url, response.status_code)
+            length = response.headers.get("Content-Length")
+            if length and int(length) > limit:
+                raise TransferError("Content too large.")
+            if length:
+                self.ctx.log(f"Downloading {format_bytes(int(length))} for {url}.")
+            data = bytearray()
+            try:
+                for chunk in response.iter_raw():
+                    self.ctx.check()
+                    data += chunk
+                    if len(data) > limit:
+                        raise TransferError("Content too large.")
+            except (httpx.TransportError, httpx.StreamError) as e:
+                self.ctx.check()
+                raise TransferError(f"Download of {url} failed: {e}") from None
+            if length and len(data) != int(length):
+                raise TransferError("Download truncated.")
+        info.size = len(data)
+        info.etag = response.headers.get("ETag")
+        self.ctx.log(f"Acquired {format_bytes(len(data))}.")
+        self.ctx.log(f"Download of {url} complete.")
+        info.sha256 = hashlib.sha256(data).hexdigest()
+        return bytes(data), info
+
+    def stream(self, url: str, sink: Callable[[bytes], None], *, etags: list[str] = (),
+               max_size: int, progress: Callable[[float], None] | None = None) -> Download:
+        """Download URL into SINK (called with each chunk as it arrives),
+        hashing the bytes as received.  A dropped connection is resumed
+        where it stopped, if the server supports ranges and the validator
+        still matches.  With ETAGS, a 304 (or a matching ETag) means the
+        cached copy is current: nothing is passed to SINK."""
+        info = Download(url)
+        headers: dict[str, str] = {}
+        if etags:
+            headers["If-None-Match"] = ", ".join(etags)
+        total: int | None = None
+        validator: str | None = None
+        attempt = 0
+        last_report = time.monotonic()
+        started = last_report
+        while True:
+            try:
+                with self._request(url, headers) as response:
+                    status = response.status_code
+                    if info.size == 0:
+                        if status == 304:
+                            info.not_modified = True
+                            info.etag = response.headers.get("ETag") or (etags[0] if len(etags) == 1 else None)
+                            return info
+                        if status == 404:
+                            raise HttpError(url, 404)
+                        if status >= 300:
+                            raise HttpError(url, status)
+                        info.status = status
+                        info.etag = response.headers.get("ETag")
+                        if info.etag and info.etag in etags:
+                            info.not_modified = True
+                            return info
+                        info.last_modified = _parse_date(response.headers.get("Last-Modified"))
+                        length = response.headers.get("Content-Length")
+                        total = int(length) if length and length.isdigit() else None
+                        if total is not None and total > max_size:
+                            raise TransferError("Content too large.")
+                        if total is not None:
+                            self.ctx.log(f"Downloading {format_bytes(total)} for {url}.")
+                        if info.etag and valid_etag(info.etag) and not info.etag.startswith("W/"):
+                            validator = info.etag
+                        elif response.headers.get("Last-Modified"):
+                            validator = response.headers["Last-Modified"]
+                        if response.headers.get("Accept-Ranges", "").lower() == "none":
+                            validator = None
+                    elif status != 206 or not _range_starts_at(response, info.size):
+                        raise TransferError(f"The image at {url} changed while it was being downloaded.")
+                    for chunk in response.iter_raw():
+                        self.ctx.check()
+                        info.size += len(chunk)
+                        if info.size > max_size:
+                            raise TransferError("Content too large.")
+                        info.hasher.update(chunk)
+                        sink(chunk)
+                        now = time.monotonic()
+                        if total and now - last_report >= 1.0:
+                            last_report = now
+                            self._report(url, info.size, total, now - started)
+                        if total and progress:
+                            progress(info.size / total)
+                if total is not None and info.size < total:
+                    raise httpx.RemoteProtocolError("short body")
+                break
+            except Canceled:
+                raise
+            except httpx.ReadTimeout:
+                self.ctx.check()
+                raise TransferError(
+                    f"Download of {url} stalled: no data for {self.options.stall_timeout:g} seconds.") from None
+            except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError, httpx.ConnectError) as e:
+                self.ctx.check()
+                attempt += 1
+                if info.size == 0 and info.status == 0 and not isinstance(e, httpx.ConnectError):
+                    raise TransferError(f"Download of {url} failed: {e}") from None
+                if validator is None or attempt > self.options.retries:
+                    raise TransferError("Download truncated.") from None
+                delay = min(self.options.backoff * 2 ** (attempt - 1), 8.0)
+                self.ctx.log(f"Connection to {url} lost after {format_bytes(info.size)}, "
+                             f"resuming in {delay:g}s (attempt {attempt} of {self.options.retries}).")
+                if self.ctx.cancel.wait(delay):
+                    raise Canceled() from None
+                headers = {"Range": f"bytes={info.size}-", "If-Range": validator}
+                info.resumes += 1
+        info.sha256 = info.hasher.hexdigest()
+        return info
+
+    def _report(self, url: str, done: int, total: int, elapsed: float) -> None:
+        speed = done / elapsed if elapsed > 0 else 0
+        percent = done * 100 // total
+        left = (total - done) / speed if speed > 0 else 0
+        self.ctx.log(f"Got {percent}% of {url}. {_format_timespan(left)} left at {format_bytes(int(speed))}/s.")
+
+
+def _range_starts_at(response: httpx.Response, offset: int) -> bool:
+    value = response.headers.get("Content-Range", "")
+    if not value.startswith("bytes "):
+        return False
+    try:
+        return int(value[6:].split("-", 1)[0]) == offset
+    except ValueError:
+        return False
+
+
+def _format_timespan(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds >= 60:
+        return f"{seconds // 60}min {seconds % 60}s"
+    return f"{seconds}s"
