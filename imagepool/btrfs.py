@@ -19,6 +19,7 @@ import stat
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import btrfsutil
 
@@ -40,6 +41,8 @@ _QGROUP_CREATE = _ioc(_IOC_WRITE, 42, 16)
 _QGROUP_LIMIT = _ioc(_IOC_READ, 43, 48)
 _QUOTA_RESCAN_STATUS = _ioc(_IOC_READ, 45, 64)
 _QUOTA_RESCAN_WAIT = _ioc(_IOC_NONE, 46, 0)
+_SUBVOL_INFO_SIZE = 504  # struct btrfs_ioctl_get_subvol_info_args
+_GET_SUBVOL_INFO = _ioc(_IOC_READ, 60, _SUBVOL_INFO_SIZE)
 
 _QUOTA_CTL_ENABLE = 1
 _QUOTA_TREE = 8
@@ -50,12 +53,19 @@ _STATUS_FLAG_ON = 1 << 0
 _STATUS_FLAG_RESCAN = 1 << 1
 _LIMIT_MAX_RFER = 1 << 0
 _LIMIT_MAX_EXCL = 1 << 1
+_ROOT_SUBVOL_RDONLY = 1 << 0  # in the flags of a root item
+_LEVEL0_MAX = (1 << 48) - 1  # qgroup ids of level 0 are the subvolume ids
 
 # struct btrfs_ioctl_search_key and _header (host order); items are little-endian.
 _SEARCH_KEY = struct.Struct("=7Q4I4Q")
 _SEARCH_HEADER = struct.Struct("=3Q2I")
 _SEARCH_BUF = 4096
 _NR_ITEMS_OFFSET = 7 * 8 + 2 * 4
+# Of struct btrfs_ioctl_get_subvol_info_args: treeid; flags (after the name,
+# parent_id, dirid, generation); otime sec and nsec (after the uuids,
+# transids and ctime).
+_SUBVOL_INFO = struct.Struct("=Q280xQ96xQI")
+_SUBVOL_INFO_ARGS = bytes(_SUBVOL_INFO_SIZE)  # fcntl.ioctl copies it
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -104,6 +114,25 @@ def _require_btrfs(fd: int, path: str) -> None:
 def is_btrfs(path: str) -> bool:
     with _open(path) as fd:
         return _fs_magic(fd) == BTRFS_SUPER_MAGIC
+
+
+class SubvolumeInfo(NamedTuple):
+    id: int
+    read_only: bool
+    otime: int  # creation, in µs since the epoch: the root item's, which systemd reports
+
+
+def subvolume_info_fd(fd: int) -> SubvolumeInfo:
+    """The subvolume containing the inode of FD, from one ioctl (Linux 4.18)."""
+    buf = fcntl.ioctl(fd, _GET_SUBVOL_INFO, _SUBVOL_INFO_ARGS)
+    treeid, flags, sec, nsec = _SUBVOL_INFO.unpack_from(buf)
+    return SubvolumeInfo(treeid, bool(flags & _ROOT_SUBVOL_RDONLY), sec * 1_000_000 + nsec // 1000)
+
+
+def subvolume_info(path: str) -> SubvolumeInfo:
+    with _open(path) as fd:
+        _require_btrfs(fd, path)
+        return subvolume_info_fd(fd)
 
 
 def is_subvolume(path: str) -> bool:
@@ -305,6 +334,26 @@ class Qgroup:
     max_exclusive: int = UINT64_MAX
 
 
+def _limits(data: bytes | None) -> tuple[int, int]:
+    """(max_referenced, max_exclusive) of a qgroup limit item."""
+    if data is None:
+        return UINT64_MAX, UINT64_MAX
+    flags, max_rfer, max_excl = struct.unpack_from("<3Q", data)
+    return (
+        max_rfer if flags & _LIMIT_MAX_RFER else UINT64_MAX,
+        max_excl if flags & _LIMIT_MAX_EXCL else UINT64_MAX,
+    )
+
+
+def _qgroup(info: bytes | None, limit: bytes | None, rescanning: bool) -> Qgroup:
+    if info is None:
+        return Qgroup()
+    if rescanning:
+        return Qgroup(UINT64_MAX, UINT64_MAX, *_limits(limit))
+    _, rfer, _, excl = struct.unpack_from("<4Q", info)  # generation, rfer, rfer_cmpr, excl
+    return Qgroup(rfer, excl, *_limits(limit))
+
+
 def qgroup_of(path: str) -> Qgroup:
     """The level-0 qgroup of the subvolume containing PATH."""
     with _open(path) as fd:
@@ -313,19 +362,26 @@ def qgroup_of(path: str) -> Qgroup:
         status = _quota_status(fd)
         if status is None:
             return Qgroup()
+        # Asked before the usage is read (as systemd does), so that usage
+        # read once no rescan runs any more is final.
+        rescanning = _rescanning(fd, status)
         qgroupid = subvolume_id(path)
         info = _quota_item(fd, _QGROUP_INFO_KEY, qgroupid)
-        if info is None:
-            return Qgroup()
-        flags, max_rfer, max_excl = _read_limits(fd, qgroupid)
-        limits = (
-            max_rfer if flags & _LIMIT_MAX_RFER else UINT64_MAX,
-            max_excl if flags & _LIMIT_MAX_EXCL else UINT64_MAX,
-        )
-        if _rescanning(fd, status):
-            return Qgroup(UINT64_MAX, UINT64_MAX, *limits)
-        _, rfer, _, excl = struct.unpack_from("<4Q", info)  # generation, rfer, rfer_cmpr, excl
-        return Qgroup(rfer, excl, *limits)
+        return _qgroup(info, _quota_item(fd, _QGROUP_LIMIT_KEY, qgroupid), rescanning)
+
+
+def qgroups(fd: int) -> dict[int, Qgroup] | None:
+    """The level-0 qgroups of the whole file system of FD (a btrfs), by
+    subvolume id, read in a few tree searches; None when quota is off."""
+    status = _quota_status(fd)
+    if status is None:
+        return None
+    rescanning = _rescanning(fd, status)
+    limits = dict(_tree_search(fd, _QUOTA_TREE, _QGROUP_LIMIT_KEY, 0, _LEVEL0_MAX))
+    return {
+        qgroupid: _qgroup(info, limits.get(qgroupid), rescanning)
+        for qgroupid, info in _tree_search(fd, _QUOTA_TREE, _QGROUP_INFO_KEY, 0, _LEVEL0_MAX)
+    }
 
 
 def set_limit(path: str, referenced_max: int) -> None:

@@ -1,16 +1,26 @@
-"""Small file-system helpers: birth time (statx), the immutable attribute,
-block device size and read-only flag."""
+"""Small file-system helpers: statx (birth time, immutable attribute, mount
+id), statfs, the EROFS test of systemd, the immutable attribute, block device
+size and read-only flag."""
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
 import os
 import struct
+import sys
+import threading
+from typing import NamedTuple
 
-_AT_FDCWD = -100
+AT_FDCWD = -100
+_AT_FDCWD = AT_FDCWD
 _AT_SYMLINK_NOFOLLOW = 0x100
+_AT_EACCESS = 0x200
+_STATX_BASIC_STATS = 0x7FF
 _STATX_BTIME = 0x800
+_STATX_MNT_ID = 0x1000
+_STATX_ATTR_IMMUTABLE = 0x10
 
 _FS_IOC_GETFLAGS = 0x80086601
 _FS_IOC_SETFLAGS = 0x40086602
@@ -48,19 +58,89 @@ class _Statx(ctypes.Structure):
     ]
 
 
+# The fields of struct statx that Statx keeps, in order: mask, attributes,
+# mode, ino, size, blocks, attributes_mask, btime, mtime, mnt_id.
+_STATX_FIELDS = struct.Struct("=I4xQ12xH2xQQQQ16xqI4x16xqI4x16xQ")
+_STATX_SIZE = ctypes.sizeof(_Statx)
+assert _STATX_FIELDS.size <= _STATX_SIZE
+
+
+class Statx(NamedTuple):
+    """What image discovery needs of statx(2), from one call."""
+
+    mask: int
+    attributes: int
+    mode: int
+    ino: int
+    size: int
+    blocks: int
+    attributes_mask: int
+    btime_sec: int
+    btime_nsec: int
+    mtime_sec: int
+    mtime_nsec: int
+    mnt_id: int
+
+    @property
+    def btime_usec(self) -> int:
+        """Birth time in µs since the epoch, 0 when the file system has none."""
+        if not self.mask & _STATX_BTIME:
+            return 0
+        return self.btime_sec * 1_000_000 + self.btime_nsec // 1000
+
+    @property
+    def mtime_usec(self) -> int:
+        return self.mtime_sec * 1_000_000 + self.mtime_nsec // 1000
+
+    @property
+    def immutable(self) -> bool | None:
+        """The immutable attribute; None when the file system does not report it."""
+        if not self.attributes_mask & _STATX_ATTR_IMMUTABLE:
+            return None
+        return bool(self.attributes & _STATX_ATTR_IMMUTABLE)
+
+    @property
+    def mount_id(self) -> int | None:
+        """The mount the file is on (Linux 5.8 and later), None when unknown."""
+        return self.mnt_id if self.mask & _STATX_MNT_ID else None
+
+
+_FS_ENCODING = sys.getfilesystemencoding()
+_statx = _libc.statx
+_STATX_MASK = _STATX_BASIC_STATS | _STATX_BTIME | _STATX_MNT_ID
+_buffers = threading.local()  # image discovery calls statx a thousand times in a row
+
+
+def statx(path: str, dir_fd: int = AT_FDCWD, follow: bool = True) -> Statx:
+    """statx(2) of PATH (relative to DIR_FD); raises OSError like os.stat."""
+    buf = getattr(_buffers, "statx", None)
+    if buf is None:
+        buf = _buffers.statx = ctypes.create_string_buffer(_STATX_SIZE)
+    flags = 0 if follow else _AT_SYMLINK_NOFOLLOW
+    if _statx(dir_fd, path.encode(_FS_ENCODING, "surrogateescape"), flags, _STATX_MASK, buf) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), path)
+    return Statx._make(_STATX_FIELDS.unpack_from(buf))
+
+
 def birth_time_usec(path: str, follow: bool = True) -> int:
     """Birth time in µs since the epoch, 0 when the file system has none."""
-    buf = _Statx()
-    flags = 0 if follow else _AT_SYMLINK_NOFOLLOW
-    if _libc.statx(_AT_FDCWD, os.fsencode(path), flags, _STATX_BTIME, ctypes.byref(buf)) != 0:
+    try:
+        return statx(path, follow=follow).btime_usec
+    except OSError:
         return 0
-    if not buf.stx_mask & _STATX_BTIME:
-        return 0
-    return buf.stx_btime.tv_sec * 1_000_000 + buf.stx_btime.tv_nsec // 1000
 
 
 def _get_flags(fd: int) -> int:
     return struct.unpack("l", fcntl.ioctl(fd, _FS_IOC_GETFLAGS, b"\0" * 8))[0]
+
+
+def fd_immutable(fd: int) -> bool:
+    """The immutable attribute of FD; False when the file system has none."""
+    try:
+        return bool(_get_flags(fd) & FS_IMMUTABLE_FL)
+    except OSError:
+        return False
 
 
 def get_immutable(path: str) -> bool:
@@ -69,9 +149,7 @@ def get_immutable(path: str) -> bool:
     except OSError:
         return False
     try:
-        return bool(_get_flags(fd) & FS_IMMUTABLE_FL)
-    except OSError:
-        return False
+        return fd_immutable(fd)
     finally:
         os.close(fd)
 
@@ -111,8 +189,47 @@ def set_block_device_read_only(path: str, read_only: bool) -> None:
         os.close(fd)
 
 
-def fs_read_only(path: str) -> bool:
-    try:
-        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
-    except OSError:
+def refuses_writes(path: str, dir_fd: int = AT_FDCWD) -> bool:
+    """Whether writing PATH would fail with EROFS, systemd's test of a
+    read-only image: a read-only mount or file system, a read-only btrfs
+    subvolume (for files and directories in it), whatever else the file
+    system decides; symlinks are followed."""
+    if _libc.faccessat(dir_fd, os.fsencode(path), os.W_OK, _AT_EACCESS) == 0:
         return False
+    return ctypes.get_errno() == errno.EROFS
+
+
+class _StatfsBuf(ctypes.Structure):
+    # struct statfs as glibc's statfs() fills it (__fsword_t is a long).
+    _fields_ = [
+        ("f_type", ctypes.c_long),
+        ("f_bsize", ctypes.c_long),
+        ("f_blocks", ctypes.c_ulong),
+        ("f_bfree", ctypes.c_ulong),
+        ("f_bavail", ctypes.c_ulong),
+        ("f_files", ctypes.c_ulong),
+        ("f_ffree", ctypes.c_ulong),
+        ("f_fsid", ctypes.c_int * 2),
+        ("f_namelen", ctypes.c_long),
+        ("f_frsize", ctypes.c_long),
+        ("f_flags", ctypes.c_long),
+        ("f_spare", ctypes.c_long * 4),
+    ]
+
+
+class Statfs(NamedTuple):
+    magic: int
+    read_only: bool  # ST_RDONLY: the mount or the file system is read-only
+
+
+def statfs(path: str | int) -> Statfs:
+    """statfs(2) of PATH (symlinks followed), or fstatfs(2) of an fd."""
+    buf = _StatfsBuf()
+    if isinstance(path, int):
+        rc = _libc.fstatfs(path, ctypes.byref(buf))
+    else:
+        rc = _libc.statfs(os.fsencode(path), ctypes.byref(buf))
+    if rc != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), None if isinstance(path, int) else path)
+    return Statfs(buf.f_type & 0xFFFFFFFF, bool(buf.f_flags & os.ST_RDONLY))

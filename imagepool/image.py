@@ -8,11 +8,10 @@ directory that has a name wins.  ``.host`` is the host's root.
 from __future__ import annotations
 
 import enum
+import functools
 import os
 import stat
 from dataclasses import dataclass, field
-
-import btrfsutil
 
 from imagepool import btrfs, fsutil
 from imagepool.names import image_name_is_valid
@@ -60,48 +59,147 @@ class Image:
         return self.is_host or self.vendor
 
 
-def _usec(seconds: float) -> int:
-    return int(seconds * 1_000_000)
+# File systems whose only EROFS for a write access check is a read-only
+# mount or file system (which statfs reports), so systemd's faccessat() test
+# can be answered once per mount: ext2/3/4, xfs, tmpfs.
+_EROFS_ONLY_WHEN_MOUNTED_RO = frozenset({0xEF53, 0x58465342, 0x01021994})
+_SUBVOLUME_ROOT_INO = 256
+_NO_QGROUP = btrfs.Qgroup()
 
 
-def make_image(name: str, path: str) -> Image | None:
-    """Inspect PATH; None when it is no image (wrong kind of file)."""
-    try:
-        st = os.stat(path)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    vendor_or_ro = path.startswith("/usr/") or fsutil.fs_read_only(path)
-    if stat.S_ISDIR(st.st_mode):
-        if btrfs.is_subvolume(path):
+class _Mount:
+    """What one scan learns once per mount: the file system type, whether a
+    write access check could fail with EROFS, and (on btrfs) the qgroups.
+    Never kept across scans: all of it may change at any time."""
+
+    __slots__ = ("btrfs", "erofs", "erofs_subvolume", "_qgroups", "_have_qgroups")
+
+    def __init__(self, fs: fsutil.Statfs) -> None:
+        self.btrfs = fs.magic == btrfs.BTRFS_SUPER_MAGIC
+        # EROFS is possible on a read-only mount, in a read-only btrfs
+        # subvolume, and whenever the file system may decide so itself ...
+        self.erofs = fs.read_only or self.btrfs or fs.magic not in _EROFS_ONLY_WHEN_MOUNTED_RO
+        # ... but for the root of a writable subvolume only on a read-only mount.
+        self.erofs_subvolume = fs.read_only
+        self._qgroups: dict[int, btrfs.Qgroup] | None = None
+        self._have_qgroups = False
+
+    def qgroup(self, fd: int, subvolume_id: int) -> btrfs.Qgroup:
+        # One look at the quota tree per file system and scan, not per image.
+        if not self._have_qgroups:
             try:
-                otime = btrfsutil.subvolume_info(path).otime
-                read_only = btrfs.get_read_only(path)
-            except (OSError, btrfsutil.BtrfsUtilError):
-                otime = None
-            if otime is not None:
-                q = btrfs.qgroup_of(path)
-                return Image(
-                    name, path, ImageType.SUBVOLUME,
-                    read_only=vendor_or_ro or read_only,
-                    crtime=_usec(otime),
-                    usage=q.referenced, usage_exclusive=q.exclusive,
-                    limit=q.max_referenced, limit_exclusive=q.max_exclusive,
-                )
+                self._qgroups = btrfs.qgroups(fd)
+            except OSError:
+                self._qgroups = None
+            self._have_qgroups = True
+        if self._qgroups is None:
+            return _NO_QGROUP
+        return self._qgroups.get(subvolume_id, _NO_QGROUP)
+
+
+# Images that depend on nothing but their path and statx, with that statx.
+_StatxImages = dict[str, tuple[fsutil.Statx, Image]]
+
+
+class _Scan:
+    """Makes Images as systemd's image_make() does, with few system calls:
+    one statx per entry (by the caller), facts about a mount gathered once,
+    and a file descriptor only for subvolumes.
+
+    Where an image depends on nothing but its path and its statx (directories
+    and raw files on a writable mount of a file system that has no EROFS of
+    its own), an Image of the previous scan with the very same statx is taken
+    again: nothing in it can have changed."""
+
+    def __init__(self, previous: _StatxImages | None = None) -> None:
+        self._mounts: dict[int | None, _Mount] = {}
+        self._previous = previous or {}
+        self.statx_images: _StatxImages = {}
+
+    def make(self, name: str, path: str, st: fsutil.Statx, dir_fd: int = fsutil.AT_FDCWD,
+             file: str | None = None) -> Image | None:
+        """The image NAME at PATH, also reachable as FILE relative to DIR_FD;
+        ST is its statx (symlinks followed)."""
+        mount = self._mounts.get(st.mount_id) or self._new_mount(st, path)
+        if mount is None:
+            return None
+        if mount.erofs or not (stat.S_ISREG(st.mode) or (stat.S_ISDIR(st.mode) and st.immutable is not None)):
+            return self._make(name, path, st, mount, dir_fd, file or path)
+        seen = self._previous.get(path)
+        image = seen[1] if seen is not None and seen[0] == st else self._make(name, path, st, mount, dir_fd, file or path)
+        self.statx_images[path] = (st, image)
+        return image
+
+    def _make(self, name: str, path: str, st: fsutil.Statx, mount: _Mount, dir_fd: int, file: str) -> Image | None:
+        if stat.S_ISDIR(st.mode):
+            return self._directory(name, path, st, mount, dir_fd, file)
+        if stat.S_ISREG(st.mode):
+            return self._raw(name, path, st, mount, dir_fd, file)
+        if stat.S_ISBLK(st.mode):
+            return self._block(name, path, st, mount, dir_fd, file)
+        return None
+
+    def _new_mount(self, st: fsutil.Statx, path: str) -> _Mount | None:
+        try:
+            mount = _Mount(fsutil.statfs(path))
+        except OSError:
+            return None  # gone since the statx
+        if st.mount_id is not None:  # else the kernel is too old to tell mounts apart
+            self._mounts[st.mount_id] = mount
+        return mount
+
+    def _directory(self, name: str, path: str, st: fsutil.Statx, mount: _Mount, dir_fd: int,
+                   file: str) -> Image | None:
+        immutable = st.immutable
+        subvolume = st.ino == _SUBVOLUME_ROOT_INO and mount.btrfs
+        if subvolume or immutable is None:
+            try:
+                fd = os.open(file, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOCTTY, dir_fd=dir_fd)
+            except (FileNotFoundError, NotADirectoryError):
+                return None
+            try:
+                image = self._subvolume(name, path, fd, mount, dir_fd, file) if subvolume else None
+                if image is not None:
+                    return image
+                if immutable is None:
+                    immutable = fsutil.fd_immutable(fd)
+            finally:
+                os.close(fd)
         return Image(
             name, path, ImageType.DIRECTORY,
-            read_only=vendor_or_ro or fsutil.get_immutable(path),
-            crtime=fsutil.birth_time_usec(path),
+            read_only=immutable or _refuses_writes(path, mount.erofs, dir_fd, file),
+            crtime=st.btime_usec,
         )
-    if stat.S_ISREG(st.st_mode):
+
+    @staticmethod
+    def _subvolume(name: str, path: str, fd: int, mount: _Mount, dir_fd: int, file: str) -> Image | None:
+        try:
+            info = btrfs.subvolume_info_fd(fd)
+        except OSError:
+            return None  # taken for a plain directory
+        q = mount.qgroup(fd, info.id)
+        return Image(
+            name, path, ImageType.SUBVOLUME,
+            read_only=info.read_only or _refuses_writes(path, mount.erofs_subvolume, dir_fd, file),
+            crtime=info.otime,
+            usage=q.referenced, usage_exclusive=q.exclusive,
+            limit=q.max_referenced, limit_exclusive=q.max_exclusive,
+        )
+
+    @staticmethod
+    def _raw(name: str, path: str, st: fsutil.Statx, mount: _Mount, dir_fd: int, file: str) -> Image:
+        usage = st.blocks * 512
         return Image(
             name, path, ImageType.RAW,
-            read_only=vendor_or_ro or (st.st_mode & 0o222) == 0,
-            crtime=fsutil.birth_time_usec(path),
-            mtime=st.st_mtime_ns // 1000,
-            usage=st.st_blocks * 512, usage_exclusive=st.st_blocks * 512,
-            limit=st.st_size, limit_exclusive=st.st_size,
+            read_only=(st.mode & 0o222) == 0 or _refuses_writes(path, mount.erofs, dir_fd, file),
+            crtime=st.btime_usec,
+            mtime=st.mtime_usec,
+            usage=usage, usage_exclusive=usage,
+            limit=st.size, limit_exclusive=st.size,
         )
-    if stat.S_ISBLK(st.st_mode):
+
+    @staticmethod
+    def _block(name: str, path: str, st: fsutil.Statx, mount: _Mount, dir_fd: int, file: str) -> Image:
         try:
             size = fsutil.block_device_size(path)
             ro = fsutil.block_device_read_only(path)
@@ -109,10 +207,26 @@ def make_image(name: str, path: str) -> Image | None:
             size, ro = UINT64_MAX, False
         return Image(
             name, path, ImageType.BLOCK,
-            read_only=vendor_or_ro or ro or (st.st_mode & 0o222) == 0,
+            read_only=ro or (st.mode & 0o222) == 0 or _refuses_writes(path, mount.erofs, dir_fd, file),
             usage=size, usage_exclusive=size, limit=size, limit_exclusive=size,
         )
-    return None
+
+
+def _refuses_writes(path: str, erofs_possible: bool, dir_fd: int, file: str) -> bool:
+    """systemd's read-only test: images below /usr, and EROFS from a write
+    access check (made only where EROFS is possible at all)."""
+    if path.startswith("/usr/"):
+        return True
+    return erofs_possible and fsutil.refuses_writes(file, dir_fd)
+
+
+def make_image(name: str, path: str) -> Image | None:
+    """Inspect PATH; None when it is no image (wrong kind of file)."""
+    try:
+        st = fsutil.statx(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return _Scan().make(name, path, st)
 
 
 def host_image() -> Image:
@@ -137,30 +251,27 @@ class Pool:
         if self.path not in search_paths:
             search_paths = [self.path, *search_paths]
         self.search_paths = search_paths
+        self._statx_images: _StatxImages = {}  # of the last discover(), see _Scan
 
     def find(self, name: str) -> Image | None:
         if name == ".host":
             return host_image()
         if not image_name_is_valid(name):
             return None
+        scan = _Scan()
         for directory in self.search_paths:
             candidate = os.path.join(directory, name)
-            try:
-                st = os.stat(candidate)
-            except OSError:
-                st = None
-            if st is not None and (stat.S_ISDIR(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-                image = make_image(name, candidate)
+            st = _statx(candidate)
+            if st is not None and (stat.S_ISDIR(st.mode) or stat.S_ISBLK(st.mode)):
+                image = scan.make(name, candidate, st)
                 if image:
                     return image
             raw = candidate + ".raw"
-            try:
-                if stat.S_ISREG(os.stat(raw).st_mode):
-                    image = make_image(name, raw)
-                    if image:
-                        return image
-            except OSError:
-                pass
+            st = _statx(raw)
+            if st is not None and stat.S_ISREG(st.mode):
+                image = scan.make(name, raw, st)
+                if image:
+                    return image
         return None
 
     def exists(self, name: str) -> bool:
@@ -168,31 +279,57 @@ class Pool:
 
     def discover(self) -> dict[str, Image]:
         images: dict[str, Image] = {}
+        scan = _Scan(self._statx_images)
         for directory in self.search_paths:
             try:
-                entries = list(os.scandir(directory))
+                dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             except OSError:
                 continue
-            for entry in entries:
-                name = _image_name_of(entry)
-                if name is None or name in images or not image_name_is_valid(name):
-                    continue
-                image = make_image(name, entry.path)
-                if image:
-                    images[name] = image
+            try:
+                _discover_in(scan, directory, dir_fd, images)
+            finally:
+                os.close(dir_fd)
+        self._statx_images = scan.statx_images
         images.setdefault(".host", host_image())
         return images
 
 
-def _image_name_of(entry: os.DirEntry) -> str | None:
+# Names repeat from one scan to the next; checking one is slower than a lookup.
+_name_is_valid = functools.lru_cache(maxsize=16384)(image_name_is_valid)
+
+
+def _statx(path: str, dir_fd: int = fsutil.AT_FDCWD) -> fsutil.Statx | None:
     try:
-        st = entry.stat()  # follows symlinks, as systemd does
+        return fsutil.statx(path, dir_fd)  # follows symlinks, as systemd does
     except OSError:
         return None
-    if stat.S_ISDIR(st.st_mode) or stat.S_ISBLK(st.st_mode):
-        return entry.name
-    if stat.S_ISREG(st.st_mode) and entry.name.endswith(".raw") and len(entry.name) > 4:
-        return entry.name[:-4]
+
+
+def _discover_in(scan: _Scan, directory: str, dir_fd: int, images: dict[str, Image]) -> None:
+    """Add the images in DIRECTORY (open as DIR_FD) whose names are not taken yet."""
+    prefix = os.path.join(directory, "")
+    try:
+        files = os.listdir(dir_fd)
+    except OSError:
+        return
+    for file in files:
+        try:
+            st = fsutil.statx(file, dir_fd)  # follows symlinks, as systemd does
+        except OSError:
+            continue
+        name = _image_name_of(file, st.mode)
+        if name is None or name in images or not _name_is_valid(name):
+            continue
+        image = scan.make(name, prefix + file, st, dir_fd, file)
+        if image is not None:
+            images[name] = image
+
+
+def _image_name_of(file: str, mode: int) -> str | None:
+    if stat.S_ISDIR(mode) or stat.S_ISBLK(mode):
+        return file
+    if stat.S_ISREG(mode) and file.endswith(".raw") and len(file) > 4:
+        return file[:-4]
     return None
 
 

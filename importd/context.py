@@ -3,8 +3,9 @@ from the engine: cancellation, log lines and progress, all thread-safe."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from imagepool.errors import PoolError
@@ -16,6 +17,26 @@ class Canceled(Exception):
 
 class TransferError(PoolError):
     """A job failed; the message is logged to the client as is."""
+
+
+class ReportedFailure(TransferError):
+    """A failure whose message the job has already logged (followed by
+    "Exiting.", as systemd's workers do once they got going)."""
+
+
+@contextlib.contextmanager
+def exiting_on_failure(ctx: JobContext) -> Iterator[None]:
+    """Once a job has started its real work, a failure is logged followed by
+    "Exiting.", as systemd's worker tools print it."""
+    try:
+        yield
+    except ReportedFailure:
+        raise
+    except (TransferError, OSError) as e:
+        message = str(e) if isinstance(e, TransferError) else f"Transfer failed: {e.strerror or e}"
+        ctx.log(message)
+        ctx.log("Exiting.")
+        raise ReportedFailure(message) from e
 
 
 def _ignore_log(line: str) -> None:

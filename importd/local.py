@@ -17,7 +17,7 @@ from imagepool import btrfs, ops
 from imagepool.image import Image, ImageType, Pool
 from imagepool.locks import image_name_lock
 from importd import compress, qcow2, sparse, tarball
-from importd.context import Canceled, JobContext, TransferError
+from importd.context import Canceled, JobContext, TransferError, exiting_on_failure
 
 # Cap on what one import may write, on top of the pool's free space.
 DEFAULT_MAX_IMAGE_SIZE = 64 << 30
@@ -89,27 +89,28 @@ def import_tar(ctx: JobContext, fd: int, pool: Pool, name: str, force: bool, rea
                max_size: int = DEFAULT_MAX_IMAGE_SIZE) -> None:
     _check_target(pool, name, force)
     ctx.log(f"Importing '{fd_path(fd)}', saving as '{name}'.")
-    with image_name_lock(name):
-        tmp = ops.temp_name(pool.path, name)
-        ops.make_tree_dir(tmp)
-        unpacker = None
-        try:
-            unpacker = tarball.TarUnpacker(tmp, ctx)
-            progress = ProgressLogger(ctx, "Imported")
-            size = _input_size(fd)
-            sub = ctx.derive(progress)
-            for chunk in compress.decompressed_chunks(fd, sub, size=size, max_output=_size_limit(pool, max_size)):
-                unpacker.write(chunk)
-            unpacker.finish()
+    with exiting_on_failure(ctx):
+        with image_name_lock(name):
+            tmp = ops.temp_name(pool.path, name)
+            ops.make_tree_dir(tmp)
             unpacker = None
-            tarball.mangle_os_tree(tmp)
-            _check_target(pool, name, force)
-            ops.install_image(tmp, os.path.join(pool.path, name), force=force, read_only=read_only)
-        except BaseException:
-            if unpacker is not None:
-                unpacker.abort()
-            ops.remove_path(tmp)
-            raise
+            try:
+                unpacker = tarball.TarUnpacker(tmp, ctx)
+                progress = ProgressLogger(ctx, "Imported")
+                size = _input_size(fd)
+                sub = ctx.derive(progress)
+                for chunk in compress.decompressed_chunks(fd, sub, size=size, max_output=_size_limit(pool, max_size)):
+                    unpacker.write(chunk)
+                unpacker.finish()
+                unpacker = None
+                tarball.mangle_os_tree(tmp)
+                _check_target(pool, name, force)
+                ops.install_image(tmp, os.path.join(pool.path, name), force=force, read_only=read_only)
+            except BaseException:
+                if unpacker is not None:
+                    unpacker.abort()
+                ops.remove_path(tmp)
+                raise
     _finish(ctx)
 
 
@@ -117,34 +118,35 @@ def import_raw(ctx: JobContext, fd: int, pool: Pool, name: str, force: bool, rea
                max_size: int = DEFAULT_MAX_IMAGE_SIZE) -> None:
     _check_target(pool, name, force)
     ctx.log(f"Importing '{fd_path(fd)}', saving as '{name}'.")
-    limit = _size_limit(pool, max_size)
-    with image_name_lock(name):
-        tmp = ops.temp_name(pool.path, name + ".raw")
-        tmp_qcow = None
-        try:
-            out = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    with exiting_on_failure(ctx):
+        limit = _size_limit(pool, max_size)
+        with image_name_lock(name):
+            tmp = ops.temp_name(pool.path, name + ".raw")
+            tmp_qcow = None
             try:
-                size = write_raw(ctx, fd, out, limit)
-                if size is None:
-                    # qcow2 needs random access: convert the downloaded copy.
-                    tmp_qcow = tmp + ".qcow2"
-                    os.rename(tmp, tmp_qcow)
-                    size = convert_qcow2(ctx, out, tmp, limit)
-                ctx.log(f"Wrote {format_bytes(size)}.")
+                out = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+                try:
+                    size = write_raw(ctx, fd, out, limit)
+                    if size is None:
+                        # qcow2 needs random access: convert the downloaded copy.
+                        tmp_qcow = tmp + ".qcow2"
+                        os.rename(tmp, tmp_qcow)
+                        size = convert_qcow2(ctx, out, tmp, limit)
+                    ctx.log(f"Wrote {format_bytes(size)}.")
+                finally:
+                    os.close(out)
+                _check_target(pool, name, force)
+                ops.install_image(tmp, os.path.join(pool.path, name + ".raw"), force=force, read_only=read_only)
+            except BaseException:
+                for path in (tmp, tmp_qcow):
+                    if path:
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(path)
+                raise
             finally:
-                os.close(out)
-            _check_target(pool, name, force)
-            ops.install_image(tmp, os.path.join(pool.path, name + ".raw"), force=force, read_only=read_only)
-        except BaseException:
-            for path in (tmp, tmp_qcow):
-                if path:
+                if tmp_qcow:
                     with contextlib.suppress(FileNotFoundError):
-                        os.unlink(path)
-            raise
-        finally:
-            if tmp_qcow:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp_qcow)
+                        os.unlink(tmp_qcow)
     _finish(ctx)
 
 
@@ -201,18 +203,19 @@ def convert_qcow2(ctx: JobContext, qcow_fd: int, raw_path: str, limit: int) -> i
 def import_fs(ctx: JobContext, dir_fd: int, pool: Pool, name: str, force: bool, read_only: bool) -> None:
     _check_target(pool, name, force)
     ctx.log(f"Importing '{fd_path(dir_fd)}', saving as '{name}'.")
-    final = os.path.join(pool.path, name)
-    with image_name_lock(name):
-        tmp = ops.temp_name(pool.path, name)
-        try:
-            # Copy through the fd, not the path: the path may have changed.
-            ops.make_tree_copy(f"/proc/{os.getpid()}/fd/{dir_fd}", tmp, False)
-            ctx.check()
-            _check_target(pool, name, force)
-            ops.install_image(tmp, final, force=force, read_only=read_only)
-        except BaseException:
-            ops.remove_path(tmp)
-            raise
+    with exiting_on_failure(ctx):
+        final = os.path.join(pool.path, name)
+        with image_name_lock(name):
+            tmp = ops.temp_name(pool.path, name)
+            try:
+                # Copy through the fd, not the path: the path may have changed.
+                ops.make_tree_copy(f"/proc/{os.getpid()}/fd/{dir_fd}", tmp, False)
+                ctx.check()
+                _check_target(pool, name, force)
+                ops.install_image(tmp, final, force=force, read_only=read_only)
+            except BaseException:
+                ops.remove_path(tmp)
+                raise
     ctx.log(f"Directory '{final} successfully installed. Exiting.")
 
 
@@ -244,16 +247,14 @@ def export_tar(ctx: JobContext, pool: Pool, name: str, out_fd: int, fmt: str) ->
         if total is None:
             total = _tree_size(source)
         progress = ProgressLogger(ctx, "Exported")
-        writer = compress.compressed_writer(out_fd, kind, ctx)
         done = 0
-        try:
+        # The writer aborts on an exception: no complete-looking partial file.
+        with compress.compressed_writer(out_fd, kind, ctx) as writer:
             for chunk in tarball.pack_tar(source, ctx):
                 writer.write(chunk)
                 done += len(chunk)
                 if total:
                     progress(min(done / total, 1.0))
-        finally:
-            writer.close()
     finally:
         if snapshot:
             ops.remove_path(snapshot)
@@ -282,8 +283,7 @@ def export_raw(ctx: JobContext, pool: Pool, name: str, out_fd: int, fmt: str) ->
         if kind == compress.Compression.NONE and stat.S_ISREG(os.fstat(out_fd).st_mode):
             sparse.copy_sparse(src, out_fd, ctx.derive(progress), size)
         else:
-            writer = compress.compressed_writer(out_fd, kind, ctx)
-            try:
+            with compress.compressed_writer(out_fd, kind, ctx) as writer:
                 done = 0
                 while True:
                     ctx.check()
@@ -294,8 +294,6 @@ def export_raw(ctx: JobContext, pool: Pool, name: str, out_fd: int, fmt: str) ->
                     done += len(chunk)
                     if size:
                         progress(done / size)
-            finally:
-                writer.close()
     finally:
         os.close(src)
     _finish(ctx)

@@ -34,7 +34,7 @@ from imagepool.errors import InvalidArgs
 from imagepool.image import Pool
 from imagepool.locks import image_name_lock
 from importd import compress, tarball, verify
-from importd.context import Canceled, JobContext, TransferError
+from importd.context import Canceled, JobContext, TransferError, exiting_on_failure
 from importd.http import Download, Http, HttpError, HttpOptions, format_bytes, valid_etag
 from importd.local import DEFAULT_MAX_IMAGE_SIZE, convert_qcow2, write_raw
 
@@ -56,7 +56,7 @@ NAME_MAX_CACHE = 240
 class PullRequest:
     kind: str  # "tar" or "raw"
     url: str
-    local: str  # "" = only download (into the cache)
+    local: str  # "": derived from the URL
     verify: verify.VerifyMode
     force: bool = False
     read_only: bool = False
@@ -168,16 +168,32 @@ def cached_etags(pool: Pool, kind: str, url: str) -> list[str]:
 # --- the pull ----------------------------------------------------------------------
 
 
+def local_name_from_url(url: str, kind: str) -> str:
+    """The image name systemd-pull derives when none is given."""
+    from imagepool.names import image_name_is_valid
+
+    name = strip_suffixes(last_component(url), kind)
+    if not name or not image_name_is_valid(name):
+        raise TransferError(f"Cannot use '{name}' as local image name, refusing.")
+    return name
+
+
 def pull(ctx: JobContext, req: PullRequest, pool: Pool) -> None:
-    name = req.local
-    if name:
-        ctx.log(f"Pulling '{req.url}', saving as '{name}'.")
-        if not req.force and pool.exists(name):
-            raise TransferError(f"Image '{name}' already exists.")
-    else:
-        ctx.log(f"Pulling '{req.url}'.")
+    name = req.local or local_name_from_url(req.url, req.kind)
+    req.local = name
+    ctx.log(f"Pulling '{req.url}', saving as '{name}'.")
+    if not req.force and pool.exists(name):
+        raise TransferError(f"Image '{name}' already exists.")
+    with exiting_on_failure(ctx):
+        _pull(ctx, req, pool, name)
+    ctx.progress(1.0)
+    ctx.log("Operation completed successfully.")
+    ctx.log("Exiting.")
+
+
+def _pull(ctx: JobContext, req: PullRequest, pool: Pool, name: str) -> None:
     weight = 0.85 if req.kind == "tar" else 0.80
-    with Http(ctx, req.http) as http, (image_name_lock(name) if name else contextlib.nullcontext()):
+    with Http(ctx, req.http) as http, image_name_lock(name):
         sums = signature = None
         if req.verify != verify.VerifyMode.NO:
             sums = _fetch_checksums(http, req.url)
@@ -195,15 +211,11 @@ def pull(ctx: JobContext, req: PullRequest, pool: Pool) -> None:
             ctx.progress(0.90)
             if req.keep_download:
                 _install_cache(ctx, req, pool, cache, info, sidecars)
-            if name:
-                ctx.progress(0.95)
-                _make_local(ctx, req, pool, cache, sidecars)
+            ctx.progress(0.95)
+            _make_local(ctx, req, pool, cache, sidecars)
         finally:
             if not req.keep_download or cache.temporary:
                 cache.remove()
-    ctx.progress(1.0)
-    ctx.log("Operation completed successfully.")
-    ctx.log("Exiting.")
 
 
 @dataclass

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from imagepool.errors import Errno, InvalidArgs, PoolError
-from importd.context import Canceled, JobContext
+from importd.context import Canceled, JobContext, ReportedFailure
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +151,8 @@ class TransferManager:
         except Canceled:
             transfer._log("Transfer canceled.", 4)
             result = "canceled"
+        except ReportedFailure:
+            pass
         except PoolError as e:
             transfer._log(str(e), 3)
         except OSError as e:

@@ -4,6 +4,7 @@ Image objects, kept in step with what is on disk."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -27,6 +28,7 @@ OPERATIONS_MAX = 64
 T = TypeVar("T")
 
 
+@functools.lru_cache(maxsize=16384)  # every ListImages asks again for every name
 def image_object_path(name: str) -> str:
     return f"{IMAGE_PATH_PREFIX}/{bus_label_escape(name)}"
 
@@ -93,11 +95,16 @@ class ImageManager:
 
     async def discover(self) -> dict[str, Image]:
         images = await asyncio.to_thread(self.pool.discover)
-        for name in list(self.objects):
-            if name not in images:
-                self._unexport(name)
-        for image in images.values():
-            self._export(image)
+        objects = self.objects
+        for name in [name for name in objects if name not in images]:
+            self._unexport(name)
+        # Objects already exported only get the fresh Image: no call per image.
+        for name, image in images.items():
+            obj = objects.get(name)
+            if obj is None:
+                self._export(image)
+            else:
+                obj.image = image
         return images
 
     def _export(self, image: Image) -> None:

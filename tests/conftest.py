@@ -132,11 +132,12 @@ class Daemons:
     def log_of(self, name: str) -> Path:
         return self.logdir / f"{name}.log"
 
-    def start(self, name: str, ours: bool = True, extra: tuple[str, ...] = ()) -> world.Service:
+    def start(self, name: str, ours: bool = True, extra: tuple[str, ...] = (),
+              env: dict[str, str] | None = None) -> world.Service:
         self.stop(name)
         if ours:
-            svc = world.Service([*world.service_argv(name, self.pool.path), *extra], _service_env(self.bus),
-                                self.log_of(name))
+            svc = world.Service([*world.service_argv(name, self.pool.path), *extra],
+                                {**_service_env(self.bus), **(env or {})}, self.log_of(name))
             svc.start()
         else:
             binary, bus_name = self.REFERENCE[name]

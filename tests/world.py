@@ -106,7 +106,10 @@ class Service:
             env["NOTIFY_SOCKET"] = path
         out = open(self.log, "ab") if self.log else None
         try:
-            self.proc = subprocess.Popen(self.argv, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+            # A session of its own: whatever it leaves behind (workers of the
+            # reference daemons, say) is killed with its process group.
+            self.proc = subprocess.Popen(self.argv, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                         start_new_session=True)
         finally:
             if out:
                 out.close()
@@ -141,6 +144,10 @@ class Service:
             return None
         stop_process(self.proc)
         rc = self.proc.returncode
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         self.proc = None
         return rc
 
