@@ -1,0 +1,422 @@
+"""The registry of running machines (containers and VMs).
+
+A machine is registered by its manager (nspawn, a VM manager) with a leader
+process; machined watches the leader through a pidfd and drops the machine
+when it exits.  The registry writes systemd's state files under
+/run/systemd/machines, so libsystemd's sd-login and nss-mymachines see the
+machines too, and reloads them when machined restarts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import os
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from imagepool.errors import InvalidArgs, PoolError
+from imagepool.metadata import parse_env_file
+from imagepool.names import bus_label_escape, hostname_is_valid
+
+log = logging.getLogger(__name__)
+
+STATE_DIR = "/run/systemd/machines"
+MACHINE_PATH_PREFIX = "/org/freedesktop/machine1/machine"
+
+
+class MachineClass(enum.StrEnum):
+    CONTAINER = "container"
+    VM = "vm"
+    HOST = "host"
+
+
+class MachineState(enum.StrEnum):
+    OPENING = "opening"
+    RUNNING = "running"
+    CLOSING = "closing"
+
+
+class NoSuchMachine(PoolError):
+    dbus_name = "org.freedesktop.machine1.NoSuchMachine"
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"No machine '{name}' known")
+
+
+class MachineExists(PoolError):
+    dbus_name = "org.freedesktop.machine1.MachineExists"
+
+
+class NoMachineForPID(PoolError):
+    dbus_name = "org.freedesktop.machine1.NoMachineForPID"
+
+
+class NoPrivateNetworking(PoolError):
+    dbus_name = "org.freedesktop.machine1.NoPrivateNetworking"
+
+
+class NoSuchUserMapping(PoolError):
+    dbus_name = "org.freedesktop.machine1.NoSuchUserMapping"
+
+
+class NoSuchGroupMapping(PoolError):
+    dbus_name = "org.freedesktop.machine1.NoSuchGroupMapping"
+
+
+def machine_object_path(name: str) -> str:
+    return f"{MACHINE_PATH_PREFIX}/{bus_label_escape(name)}"
+
+
+def unit_name_escape(text: str) -> str:
+    """systemd's unit name escaping: "/" becomes "-", other unsafe bytes \\xNN."""
+    out = []
+    for i, ch in enumerate(text):
+        if ch == "/":
+            out.append("-")
+        elif ch.isascii() and (ch.isalnum() or ch in ":_") or (ch == "." and i > 0):
+            out.append(ch)
+        else:
+            out.extend(f"\\x{b:02x}" for b in ch.encode())
+    return "".join(out)
+
+
+def now_usec() -> tuple[int, int]:
+    return time.clock_gettime_ns(time.CLOCK_REALTIME) // 1000, time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+
+
+@dataclass(eq=False)
+class Machine:
+    name: str
+    machine_class: MachineClass
+    leader: int
+    id: bytes = b""
+    service: str = ""
+    root_directory: str = ""
+    netif: list[int] = field(default_factory=list)
+    unit: str = ""
+    timestamp: int = 0
+    timestamp_monotonic: int = 0
+    state: MachineState = MachineState.RUNNING
+    supervisor: int = 0
+    # Our own cgroup for the machine, when we made one (CreateMachine).
+    cgroup: str = ""
+    pidfd: int = -1
+
+    @property
+    def is_host(self) -> bool:
+        return self.machine_class == MachineClass.HOST
+
+    @property
+    def object_path(self) -> str:
+        return machine_object_path(self.name)
+
+    def state_file_text(self) -> str:
+        lines = ["# This is private data. Do not parse.", f"NAME={self.name}"]
+        if self.unit:
+            lines.append(f"SCOPE={self.unit}")
+        if self.service:
+            lines.append(f"SERVICE={_quote(self.service)}")
+        if self.root_directory:
+            lines.append(f"ROOT={_quote(self.root_directory)}")
+        if self.id:
+            lines.append(f"ID={self.id.hex()}")
+        lines.append(f"LEADER={self.leader}")
+        lines.append(f"CLASS={self.machine_class}")
+        lines.append(f"REALTIME={self.timestamp}")
+        lines.append(f"MONOTONIC={self.timestamp_monotonic}")
+        if self.netif:
+            lines.append(f"NETIF={' '.join(str(i) for i in self.netif)}")
+        if self.cgroup:
+            lines.append(f"X_CGROUP={_quote(self.cgroup)}")
+        return "\n".join(lines) + "\n"
+
+
+def _quote(value: str) -> str:
+    if re.fullmatch(r"[A-Za-z0-9_./:@+,=-]*", value):
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("$", "\\$").replace("`", "\\`") + '"'
+
+
+def check_machine_name(name: str) -> None:
+    if not hostname_is_valid(name):
+        raise InvalidArgs("Invalid machine name parameter")
+
+
+def check_machine_id(machine_id: bytes) -> None:
+    if len(machine_id) not in (0, 16):
+        raise InvalidArgs("Invalid machine ID parameter")
+
+
+def parse_class(text: str) -> MachineClass | None:
+    if text == "":
+        return None
+    try:
+        value = MachineClass(text)
+    except ValueError:
+        raise InvalidArgs("Invalid machine class parameter") from None
+    if value == MachineClass.HOST:
+        raise InvalidArgs("Invalid machine class parameter")
+    return value
+
+
+def pidfd_open(pid: int) -> int:
+    return os.pidfd_open(pid)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def process_unit(pid: int) -> str:
+    """The systemd unit of a process, from its cgroup path ("" if none)."""
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            text = f.read()
+    except OSError:
+        return ""
+    for line in text.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) == 3 and parts[0] == "0":
+            for component in reversed(parts[2].split("/")):
+                if component.endswith((".service", ".scope")):
+                    return component
+    return ""
+
+
+class MachineRegistry:
+    """All registered machines, by name and by leader; owns the state files
+    and the pidfd watches.  Listeners hear about additions and removals."""
+
+    def __init__(self, state_dir: str = STATE_DIR) -> None:
+        self.state_dir = state_dir
+        self.machines: dict[str, Machine] = {}
+        self.on_new: list[Callable[[Machine], None]] = []
+        self.on_removed: list[Callable[[Machine], None]] = []
+        self.host = self._make_host()
+        self.machines[self.host.name] = self.host
+
+    @staticmethod
+    def _make_host() -> Machine:
+        machine_id = b""
+        with contextlib.suppress(OSError, ValueError):
+            machine_id = bytes.fromhex(open("/etc/machine-id").read().strip())
+        boot = 0
+        with contextlib.suppress(OSError, ValueError):
+            for line in open("/proc/stat"):
+                if line.startswith("btime "):
+                    boot = int(line.split()[1]) * 1_000_000
+        return Machine(".host", MachineClass.HOST, 1, id=machine_id, unit="-.slice", root_directory="/",
+                       timestamp=boot, timestamp_monotonic=0)
+
+    def __iter__(self) -> Iterator[Machine]:
+        return iter(list(self.machines.values()))
+
+    def get(self, name: str) -> Machine:
+        machine = self.machines.get(name)
+        if machine is None:
+            raise NoSuchMachine(name)
+        return machine
+
+    def by_pid(self, pid: int) -> Machine | None:
+        """The machine a process belongs to: its leader, or a process in the
+        machine's cgroup, or a descendant of the leader."""
+        for m in self.machines.values():
+            if not m.is_host and m.leader == pid:
+                return m
+        try:
+            with open(f"/proc/{pid}/cgroup") as f:
+                cgroup = f.read().split("::", 1)[-1].strip()
+        except OSError:
+            cgroup = ""
+        for m in self.machines.values():
+            if m.cgroup and (cgroup == m.cgroup or cgroup.startswith(m.cgroup + "/")):
+                return m
+        ancestor = pid
+        for _ in range(64):
+            ancestor = _parent(ancestor)
+            if ancestor <= 1:
+                break
+            for m in self.machines.values():
+                if not m.is_host and m.leader == ancestor:
+                    return m
+        return None
+
+    # --- adding and removing ----------------------------------------------------
+
+    def add(self, machine: Machine) -> None:
+        if machine.name in self.machines:
+            raise MachineExists(f"Machine '{machine.name}' already exists")
+        if machine.leader <= 1 or not process_alive(machine.leader):
+            raise InvalidArgs("Invalid leader PID")
+        for m in self.machines.values():
+            if not m.is_host and m.leader == machine.leader:
+                raise MachineExists(f"Leader PID {machine.leader} already belongs to machine '{m.name}'")
+        if not machine.timestamp:
+            machine.timestamp, machine.timestamp_monotonic = now_usec()
+        self._watch(machine)
+        self.machines[machine.name] = machine
+        self.save(machine)
+        log.info("New machine %s.", machine.name)
+        for cb in self.on_new:
+            cb(machine)
+
+    def remove(self, machine: Machine) -> None:
+        if self.machines.get(machine.name) is not machine:
+            return
+        del self.machines[machine.name]
+        self._unwatch(machine)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(self.state_dir, machine.name))
+        if machine.unit:
+            link = os.path.join(self.state_dir, f"unit:{machine.unit}")
+            with contextlib.suppress(OSError):
+                if os.readlink(link) == machine.name:
+                    os.unlink(link)
+        if machine.cgroup:
+            _remove_cgroup(machine.cgroup)
+        log.info("Machine %s terminated.", machine.name)
+        for cb in self.on_removed:
+            cb(machine)
+
+    def _watch(self, machine: Machine) -> None:
+        try:
+            machine.pidfd = pidfd_open(machine.leader)
+        except OSError as e:
+            raise InvalidArgs("Invalid leader PID") from e
+        loop = asyncio.get_running_loop()
+        loop.add_reader(machine.pidfd, self._leader_exited, machine)
+
+    def _unwatch(self, machine: Machine) -> None:
+        if machine.pidfd >= 0:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(machine.pidfd)
+            os.close(machine.pidfd)
+            machine.pidfd = -1
+
+    def _leader_exited(self, machine: Machine) -> None:
+        log.info("Leader of machine %s (PID %d) exited.", machine.name, machine.leader)
+        self.remove(machine)
+
+    # --- state files -------------------------------------------------------------
+
+    def save(self, machine: Machine) -> None:
+        if machine.is_host:
+            return
+        os.makedirs(self.state_dir, mode=0o755, exist_ok=True)
+        path = os.path.join(self.state_dir, machine.name)
+        tmp = os.path.join(self.state_dir, f".#{machine.name}{os.urandom(8).hex()}")
+        with open(tmp, "w") as f:
+            f.write(machine.state_file_text())
+        os.chmod(tmp, 0o644)
+        os.rename(tmp, path)
+        if machine.unit:
+            link = os.path.join(self.state_dir, f"unit:{machine.unit}")
+            tmp_link = link + ".#new"
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp_link)
+            os.symlink(machine.name, tmp_link)
+            os.rename(tmp_link, link)
+
+    def load(self) -> None:
+        """Pick up machines registered before a restart: those whose leader
+        still runs are kept, the others are cleaned up."""
+        try:
+            entries = os.listdir(self.state_dir)
+        except FileNotFoundError:
+            return
+        for entry in sorted(entries):
+            if entry.startswith(("unit:", ".")) or not hostname_is_valid(entry):
+                continue
+            path = os.path.join(self.state_dir, entry)
+            try:
+                with open(path) as f:
+                    data = parse_env_file(f.read())
+                machine = _machine_from_state(entry, data)
+            except (OSError, ValueError) as e:
+                log.warning("Failed to load state of machine %s: %s", entry, e)
+                continue
+            if machine.leader > 1 and process_alive(machine.leader):
+                try:
+                    self._watch(machine)
+                except PoolError:
+                    machine = None  # type: ignore[assignment]
+                if machine is not None:
+                    self.machines[machine.name] = machine
+                    log.info("Recovered machine %s (leader %d).", machine.name, machine.leader)
+                    continue
+            log.info("Cleaning up state of vanished machine %s.", entry)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            unit = data.get("SCOPE", "")
+            if unit:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.state_dir, f"unit:{unit}"))
+
+    def close(self) -> None:
+        for machine in list(self.machines.values()):
+            self._unwatch(machine)
+
+
+def _machine_from_state(name: str, data: dict[str, str]) -> Machine:
+    machine = Machine(
+        name,
+        MachineClass(data.get("CLASS", "container")),
+        int(data.get("LEADER", "0")),
+        id=bytes.fromhex(data["ID"]) if data.get("ID") else b"",
+        service=data.get("SERVICE", ""),
+        root_directory=data.get("ROOT", ""),
+        netif=[int(i) for i in data.get("NETIF", "").split()],
+        unit=data.get("SCOPE", ""),
+        timestamp=int(data.get("REALTIME", "0")),
+        timestamp_monotonic=int(data.get("MONOTONIC", "0")),
+        cgroup=data.get("X_CGROUP", ""),
+    )
+    return machine
+
+
+def _parent(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+        return int(stat.rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+CGROUP_ROOT = "/sys/fs/cgroup"
+
+
+def make_machine_cgroup(name: str, pid: int) -> str:
+    """Put PID in a cgroup of its own (machine.slice/machine-<name>.scope) when
+    the cgroup v2 hierarchy is writable; returns the cgroup path or ""."""
+    rel = f"/machine.slice/machine-{unit_name_escape(name)}.scope"
+    path = CGROUP_ROOT + rel
+    try:
+        if not os.path.exists(os.path.join(CGROUP_ROOT, "cgroup.procs")):
+            return ""
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, "cgroup.procs"), "w") as f:
+            f.write(str(pid))
+        return rel
+    except OSError as e:
+        log.debug("No cgroup for machine %s: %s", name, e)
+        with contextlib.suppress(OSError):
+            os.rmdir(path)
+        return ""
+
+
+def _remove_cgroup(rel: str) -> None:
+    path = CGROUP_ROOT + rel
+    with contextlib.suppress(OSError):
+        os.rmdir(path)
