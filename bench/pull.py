@@ -269,6 +269,9 @@ def clear_pool() -> list[str]:
             subprocess.run(["chattr", "-f", "-i", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             rm_tree(path)
     os.sync()
+    # BTRFS_IOC_SYNC also wakes the transaction kthread, which pokes the cleaner: without it,
+    # `btrfs subvolume sync` waits up to the 30 s commit interval for deleted subvolumes.
+    subprocess.run(["btrfs", "filesystem", "sync", str(POOL)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     subprocess.run(["btrfs", "subvolume", "sync", str(POOL)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     os.sync()
     leftover = os.listdir(POOL)

@@ -129,12 +129,6 @@ def subvolume_info_fd(fd: int) -> SubvolumeInfo:
     return SubvolumeInfo(treeid, bool(flags & _ROOT_SUBVOL_RDONLY), sec * 1_000_000 + nsec // 1000)
 
 
-def subvolume_info(path: str) -> SubvolumeInfo:
-    with _open(path) as fd:
-        _require_btrfs(fd, path)
-        return subvolume_info_fd(fd)
-
-
 def is_subvolume(path: str) -> bool:
     try:
         st = os.stat(path)

@@ -1,6 +1,6 @@
-"""Small file-system helpers: statx (birth time, immutable attribute, mount
-id), statfs, the EROFS test of systemd, the immutable attribute, block device
-size and read-only flag."""
+"""Small file-system helpers: statx (with birth time, immutable attribute,
+mount id), statfs, systemd's EROFS test, the immutable attribute, block
+device size and read-only flag."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import threading
 from typing import NamedTuple
 
 AT_FDCWD = -100
-_AT_FDCWD = AT_FDCWD
 _AT_SYMLINK_NOFOLLOW = 0x100
 _AT_EACCESS = 0x200
 _STATX_BASIC_STATS = 0x7FF
@@ -32,37 +31,12 @@ _BLKROSET = 0x125D
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-class _StatxTimestamp(ctypes.Structure):
-    _fields_ = [("tv_sec", ctypes.c_int64), ("tv_nsec", ctypes.c_uint32), ("_pad", ctypes.c_int32)]
-
-
-class _Statx(ctypes.Structure):
-    _fields_ = [
-        ("stx_mask", ctypes.c_uint32),
-        ("stx_blksize", ctypes.c_uint32),
-        ("stx_attributes", ctypes.c_uint64),
-        ("stx_nlink", ctypes.c_uint32),
-        ("stx_uid", ctypes.c_uint32),
-        ("stx_gid", ctypes.c_uint32),
-        ("stx_mode", ctypes.c_uint16),
-        ("_pad1", ctypes.c_uint16),
-        ("stx_ino", ctypes.c_uint64),
-        ("stx_size", ctypes.c_uint64),
-        ("stx_blocks", ctypes.c_uint64),
-        ("stx_attributes_mask", ctypes.c_uint64),
-        ("stx_atime", _StatxTimestamp),
-        ("stx_btime", _StatxTimestamp),
-        ("stx_ctime", _StatxTimestamp),
-        ("stx_mtime", _StatxTimestamp),
-        ("_spare", ctypes.c_uint64 * 16),
-    ]
-
-
-# The fields of struct statx that Statx keeps, in order: mask, attributes,
-# mode, ino, size, blocks, attributes_mask, btime, mtime, mnt_id.
+# struct statx is 256 bytes.  Of it, Statx keeps in order: mask, attributes
+# (skipping blksize), mode (skipping nlink, uid, gid), ino, size, blocks,
+# attributes_mask, btime sec and nsec (skipping atime), mtime sec and nsec
+# (skipping ctime), mnt_id (skipping the device numbers).
+_STATX_SIZE = 256
 _STATX_FIELDS = struct.Struct("=I4xQ12xH2xQQQQ16xqI4x16xqI4x16xQ")
-_STATX_SIZE = ctypes.sizeof(_Statx)
-assert _STATX_FIELDS.size <= _STATX_SIZE
 
 
 class Statx(NamedTuple):
@@ -123,14 +97,6 @@ def statx(path: str, dir_fd: int = AT_FDCWD, follow: bool = True) -> Statx:
     return Statx._make(_STATX_FIELDS.unpack_from(buf))
 
 
-def birth_time_usec(path: str, follow: bool = True) -> int:
-    """Birth time in µs since the epoch, 0 when the file system has none."""
-    try:
-        return statx(path, follow=follow).btime_usec
-    except OSError:
-        return 0
-
-
 def _get_flags(fd: int) -> int:
     return struct.unpack("l", fcntl.ioctl(fd, _FS_IOC_GETFLAGS, b"\0" * 8))[0]
 
@@ -143,9 +109,10 @@ def fd_immutable(fd: int) -> bool:
         return False
 
 
-def get_immutable(path: str) -> bool:
+def get_immutable(path: str, dir_fd: int = AT_FDCWD, follow: bool = False) -> bool:
+    nofollow = 0 if follow else os.O_NOFOLLOW
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY | nofollow, dir_fd=dir_fd)
     except OSError:
         return False
     try:

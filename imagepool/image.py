@@ -72,15 +72,15 @@ class _Mount:
     write access check could fail with EROFS, and (on btrfs) the qgroups.
     Never kept across scans: all of it may change at any time."""
 
-    __slots__ = ("btrfs", "erofs", "erofs_subvolume", "_qgroups", "_have_qgroups")
+    __slots__ = ("btrfs", "erofs_possible", "erofs_possible_subvolume", "_qgroups", "_have_qgroups")
 
     def __init__(self, fs: fsutil.Statfs) -> None:
         self.btrfs = fs.magic == btrfs.BTRFS_SUPER_MAGIC
         # EROFS is possible on a read-only mount, in a read-only btrfs
         # subvolume, and whenever the file system may decide so itself ...
-        self.erofs = fs.read_only or self.btrfs or fs.magic not in _EROFS_ONLY_WHEN_MOUNTED_RO
+        self.erofs_possible = fs.read_only or self.btrfs or fs.magic not in _EROFS_ONLY_WHEN_MOUNTED_RO
         # ... but for the root of a writable subvolume only on a read-only mount.
-        self.erofs_subvolume = fs.read_only
+        self.erofs_possible_subvolume = fs.read_only
         self._qgroups: dict[int, btrfs.Qgroup] | None = None
         self._have_qgroups = False
 
@@ -123,10 +123,14 @@ class _Scan:
         mount = self._mounts.get(st.mount_id) or self._new_mount(st, path)
         if mount is None:
             return None
-        if mount.erofs or not (stat.S_ISREG(st.mode) or (stat.S_ISDIR(st.mode) and st.immutable is not None)):
-            return self._make(name, path, st, mount, dir_fd, file or path)
+        file = file or path
+        if not _statx_only(st, mount):
+            return self._make(name, path, st, mount, dir_fd, file)
         seen = self._previous.get(path)
-        image = seen[1] if seen is not None and seen[0] == st else self._make(name, path, st, mount, dir_fd, file or path)
+        if seen is not None and seen[0] == st:
+            image = seen[1]
+        else:
+            image = self._make(name, path, st, mount, dir_fd, file)
         self.statx_images[path] = (st, image)
         return image
 
@@ -149,38 +153,37 @@ class _Scan:
         return mount
 
     def _directory(self, name: str, path: str, st: fsutil.Statx, mount: _Mount, dir_fd: int,
-                   file: str) -> Image | None:
+                   file: str) -> Image:
+        if st.ino == _SUBVOLUME_ROOT_INO and mount.btrfs:
+            image = self._subvolume(name, path, mount, dir_fd, file)
+            if image is not None:
+                return image
         immutable = st.immutable
-        subvolume = st.ino == _SUBVOLUME_ROOT_INO and mount.btrfs
-        if subvolume or immutable is None:
-            try:
-                fd = os.open(file, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOCTTY, dir_fd=dir_fd)
-            except (FileNotFoundError, NotADirectoryError):
-                return None
-            try:
-                image = self._subvolume(name, path, fd, mount, dir_fd, file) if subvolume else None
-                if image is not None:
-                    return image
-                if immutable is None:
-                    immutable = fsutil.fd_immutable(fd)
-            finally:
-                os.close(fd)
+        if immutable is None:  # not reported by this file system's statx
+            immutable = fsutil.get_immutable(file, dir_fd, follow=True)
         return Image(
             name, path, ImageType.DIRECTORY,
-            read_only=immutable or _refuses_writes(path, mount.erofs, dir_fd, file),
+            read_only=immutable or _refuses_writes(path, mount.erofs_possible, dir_fd, file),
             crtime=st.btime_usec,
         )
 
     @staticmethod
-    def _subvolume(name: str, path: str, fd: int, mount: _Mount, dir_fd: int, file: str) -> Image | None:
+    def _subvolume(name: str, path: str, mount: _Mount, dir_fd: int, file: str) -> Image | None:
+        """The subvolume at FILE; None when it is none after all."""
+        try:
+            fd = os.open(file, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOCTTY, dir_fd=dir_fd)
+        except OSError:
+            return None
         try:
             info = btrfs.subvolume_info_fd(fd)
+            q = mount.qgroup(fd, info.id)
         except OSError:
-            return None  # taken for a plain directory
-        q = mount.qgroup(fd, info.id)
+            return None
+        finally:
+            os.close(fd)
         return Image(
             name, path, ImageType.SUBVOLUME,
-            read_only=info.read_only or _refuses_writes(path, mount.erofs_subvolume, dir_fd, file),
+            read_only=info.read_only or _refuses_writes(path, mount.erofs_possible_subvolume, dir_fd, file),
             crtime=info.otime,
             usage=q.referenced, usage_exclusive=q.exclusive,
             limit=q.max_referenced, limit_exclusive=q.max_exclusive,
@@ -191,7 +194,7 @@ class _Scan:
         usage = st.blocks * 512
         return Image(
             name, path, ImageType.RAW,
-            read_only=(st.mode & 0o222) == 0 or _refuses_writes(path, mount.erofs, dir_fd, file),
+            read_only=(st.mode & 0o222) == 0 or _refuses_writes(path, mount.erofs_possible, dir_fd, file),
             crtime=st.btime_usec,
             mtime=st.mtime_usec,
             usage=usage, usage_exclusive=usage,
@@ -207,9 +210,18 @@ class _Scan:
             size, ro = UINT64_MAX, False
         return Image(
             name, path, ImageType.BLOCK,
-            read_only=ro or (st.mode & 0o222) == 0 or _refuses_writes(path, mount.erofs, dir_fd, file),
+            read_only=ro or (st.mode & 0o222) == 0 or _refuses_writes(path, mount.erofs_possible, dir_fd, file),
             usage=size, usage_exclusive=size, limit=size, limit_exclusive=size,
         )
+
+
+def _statx_only(st: fsutil.Statx, mount: _Mount) -> bool:
+    """Whether the image is made of its path and statx alone: no EROFS test
+    to make (so no btrfs, no subvolume), and no ioctl for the immutable
+    attribute either."""
+    if mount.erofs_possible:
+        return False
+    return stat.S_ISREG(st.mode) or (stat.S_ISDIR(st.mode) and st.immutable is not None)
 
 
 def _refuses_writes(path: str, erofs_possible: bool, dir_fd: int, file: str) -> bool:

@@ -9,6 +9,7 @@ import os
 from imagepool import daemon
 from imagepool.image import Pool
 from machined.images import ImageManager
+from machined.machines import MachineManager
 from machined.manager_dbus import MANAGER_PATH, ManagerObject
 
 log = logging.getLogger("machined")
@@ -20,8 +21,10 @@ async def serve(pool_path: str, stop: asyncio.Event) -> None:
     bus = daemon.open_system_bus()
     images = ImageManager(Pool(pool_path))
     os.makedirs("/run/systemd/machines", mode=0o755, exist_ok=True)
-    manager = ManagerObject(images)
+    machines = MachineManager()
+    manager = ManagerObject(images, machines)
     manager.export_to_dbus(MANAGER_PATH)
+    machines.start()
     await images.discover()
     images.start_watching()
     await daemon.request_name(bus, BUS_NAME)
@@ -30,6 +33,7 @@ async def serve(pool_path: str, stop: asyncio.Event) -> None:
     await stop.wait()
     daemon.sd_notify("STOPPING=1")
     images.stop_watching()
+    machines.close()
     bus.close()
 
 

@@ -5,21 +5,258 @@ as the Image object's method (machined-dbus.c: redirect_method_to_image)."""
 
 from __future__ import annotations
 
-from sdbus import DbusInterfaceCommonAsync, dbus_method_async, dbus_property_async
+from sdbus import DbusInterfaceCommonAsync, dbus_method_async, dbus_property_async, dbus_signal_async
 
 from imagepool import ops
-from imagepool.bus import UNPRIVILEGED, require_root, translated
+from imagepool.bus import UNPRIVILEGED, caller_pid, require_root, translated
 from imagepool.errors import InvalidArgs
-from machined import image_dbus
+from machined import image_dbus, machine_dbus
 from machined.images import ImageManager, image_object_path
+from machined.machines import MachineManager
+
+EX_PROPERTIES = {"Id": "ay", "Service": "s", "Class": "s", "LeaderPID": "u", "RootDirectory": "s",
+                 "NetworkInterfaces": "ai", "VSockCID": "u", "SSHAddress": "s", "SSHPrivateKeyPath": "s"}
+
+
+def _ex_properties(properties: list) -> dict:
+    values = {}
+    for key, (signature, value) in properties:
+        if key not in EX_PROPERTIES:
+            raise InvalidArgs(f"Unknown property {key}")
+        if signature != EX_PROPERTIES[key]:
+            raise InvalidArgs(f"Property {key} has the wrong type")
+        values[key] = value
+    return values
 
 MANAGER_PATH = "/org/freedesktop/machine1"
 
 
 class ManagerObject(DbusInterfaceCommonAsync, interface_name="org.freedesktop.machine1.Manager"):
-    def __init__(self, images: ImageManager) -> None:
+    def __init__(self, images: ImageManager, machines: MachineManager) -> None:
         super().__init__()
         self.images = images
+        self.machines = machines
+        machines.on_new = lambda m: self.machine_new.emit((m.name, m.object_path))
+        machines.on_removed = lambda m: self.machine_removed.emit((m.name, m.object_path))
+
+    # --- machines ----------------------------------------------------------------
+
+    @dbus_method_async("", "a(ssso)", flags=UNPRIVILEGED, method_name="ListMachines", result_args_names=["machines"])
+    @translated
+    async def list_machines(self) -> list[tuple[str, str, str, str]]:
+        return [(m.name, str(m.machine_class), m.service, m.object_path)
+                for m in sorted(self.machines.registry, key=lambda m: m.name)]
+
+    @dbus_method_async("s", "o", flags=UNPRIVILEGED, method_name="GetMachine", input_args_names=["name"],
+                       result_args_names=["machine"])
+    @translated
+    async def get_machine(self, name: str) -> str:
+        return self.machines.get(name).object_path
+
+    @dbus_method_async("u", "o", flags=UNPRIVILEGED, method_name="GetMachineByPID", input_args_names=["pid"],
+                       result_args_names=["machine"])
+    @translated
+    async def get_machine_by_pid(self, pid: int) -> str:
+        if pid == 0:
+            pid = await caller_pid()
+        return self.machines.by_pid(pid).object_path
+
+    async def _register(self, name: str, machine_id: bytes, service: str, class_text: str, leader: int,
+                        root_directory: str, netif: list[int], create: bool) -> str:
+        await require_root()
+        pid = await caller_pid()
+        machine = self.machines.register(name, bytes(machine_id), service, class_text, leader, root_directory,
+                                         netif, create=create, caller_pid=pid)
+        return machine.object_path
+
+    @dbus_method_async("sayssusa(sv)", "o", flags=UNPRIVILEGED, method_name="CreateMachine",
+                       input_args_names=["name", "id", "service", "class", "leader", "root_directory",
+                                         "scope_properties"], result_args_names=["path"])
+    @translated
+    async def create_machine(self, name: str, machine_id: bytes, service: str, class_text: str, leader: int,
+                             root_directory: str, scope_properties: list) -> str:
+        return await self._register(name, machine_id, service, class_text, leader, root_directory, [], True)
+
+    @dbus_method_async("sayssusaia(sv)", "o", flags=UNPRIVILEGED, method_name="CreateMachineWithNetwork",
+                       input_args_names=["name", "id", "service", "class", "leader", "root_directory",
+                                         "ifindices", "scope_properties"], result_args_names=["path"])
+    @translated
+    async def create_machine_with_network(self, name: str, machine_id: bytes, service: str, class_text: str,
+                                          leader: int, root_directory: str, ifindices: list[int],
+                                          scope_properties: list) -> str:
+        return await self._register(name, machine_id, service, class_text, leader, root_directory, ifindices, True)
+
+    @dbus_method_async("sayssus", "o", flags=UNPRIVILEGED, method_name="RegisterMachine",
+                       input_args_names=["name", "id", "service", "class", "leader", "root_directory"],
+                       result_args_names=["path"])
+    @translated
+    async def register_machine(self, name: str, machine_id: bytes, service: str, class_text: str, leader: int,
+                               root_directory: str) -> str:
+        return await self._register(name, machine_id, service, class_text, leader, root_directory, [], False)
+
+    @dbus_method_async("sayssusai", "o", flags=UNPRIVILEGED, method_name="RegisterMachineWithNetwork",
+                       input_args_names=["name", "id", "service", "class", "leader", "root_directory",
+                                         "ifindices"], result_args_names=["path"])
+    @translated
+    async def register_machine_with_network(self, name: str, machine_id: bytes, service: str, class_text: str,
+                                            leader: int, root_directory: str, ifindices: list[int]) -> str:
+        return await self._register(name, machine_id, service, class_text, leader, root_directory, ifindices,
+                                    False)
+
+    async def _register_ex(self, name: str, properties: list, create: bool) -> str:
+        values = _ex_properties(properties)
+        return await self._register(name, values.get("Id", b""), values.get("Service", ""),
+                                    values.get("Class", ""), values.get("LeaderPID", 0),
+                                    values.get("RootDirectory", ""), values.get("NetworkInterfaces", []), create)
+
+    @dbus_method_async("sa(sv)a(sv)", "o", flags=UNPRIVILEGED, method_name="CreateMachineEx",
+                       input_args_names=["name", "properties", "scope_properties"], result_args_names=["path"])
+    @translated
+    async def create_machine_ex(self, name: str, properties: list, scope_properties: list) -> str:
+        return await self._register_ex(name, properties, True)
+
+    @dbus_method_async("sa(sv)", "o", flags=UNPRIVILEGED, method_name="RegisterMachineEx",
+                       input_args_names=["name", "properties"], result_args_names=["path"])
+    @translated
+    async def register_machine_ex(self, name: str, properties: list) -> str:
+        return await self._register_ex(name, properties, False)
+
+    @dbus_method_async("s", "", flags=UNPRIVILEGED, method_name="UnregisterMachine", input_args_names=["name"])
+    @translated
+    async def unregister_machine(self, name: str) -> None:
+        machine = self.machines.get(name)
+        await require_root()
+        self.machines.unregister(machine)
+
+    @dbus_method_async("s", "", flags=UNPRIVILEGED, method_name="TerminateMachine", input_args_names=["name"])
+    @translated
+    async def terminate_machine(self, name: str) -> None:
+        await machine_dbus.terminate(self.machines, self.machines.get(name))
+
+    @dbus_method_async("ssi", "", flags=UNPRIVILEGED, method_name="KillMachine",
+                       input_args_names=["name", "whom", "signal"])
+    @translated
+    async def kill_machine(self, name: str, whom: str, signo: int) -> None:
+        await machine_dbus.kill(self.machines, self.machines.get(name), whom, signo)
+
+    @dbus_method_async("s", "a(iay)", flags=UNPRIVILEGED, method_name="GetMachineAddresses",
+                       input_args_names=["name"], result_args_names=["addresses"])
+    @translated
+    async def get_machine_addresses(self, name: str) -> list[tuple[int, bytes]]:
+        return await machine_dbus.get_addresses(self.machines, self.machines.get(name))
+
+    @dbus_method_async("s", "a{ss}", flags=UNPRIVILEGED, method_name="GetMachineOSRelease",
+                       input_args_names=["name"], result_args_names=["fields"])
+    @translated
+    async def get_machine_os_release(self, name: str) -> dict[str, str]:
+        return await machine_dbus.get_os_release(self.machines, self.machines.get(name))
+
+    @dbus_method_async("s", "u", flags=UNPRIVILEGED, method_name="GetMachineUIDShift", input_args_names=["name"],
+                       result_args_names=["shift"])
+    @translated
+    async def get_machine_uid_shift(self, name: str) -> int:
+        return await machine_dbus.get_uid_shift(self.machines, self.machines.get(name))
+
+    @dbus_method_async("s", "hs", flags=UNPRIVILEGED, method_name="OpenMachinePTY", input_args_names=["name"],
+                       result_args_names=["pty", "pty_path"])
+    @translated
+    async def open_machine_pty(self, name: str) -> tuple[int, str]:
+        return await machine_dbus.open_pty(self.machines, self.machines.get(name))
+
+    @dbus_method_async("s", "hs", flags=UNPRIVILEGED, method_name="OpenMachineLogin", input_args_names=["name"],
+                       result_args_names=["pty", "pty_path"])
+    @translated
+    async def open_machine_login(self, name: str) -> tuple[int, str]:
+        return await machine_dbus.open_login(self.machines, self.machines.get(name))
+
+    @dbus_method_async("sssasas", "hs", flags=UNPRIVILEGED, method_name="OpenMachineShell",
+                       input_args_names=["name", "user", "path", "args", "environment"],
+                       result_args_names=["pty", "pty_path"])
+    @translated
+    async def open_machine_shell(self, name: str, user: str, path: str, args: list[str],
+                                 env: list[str]) -> tuple[int, str]:
+        return await machine_dbus.open_shell(self.machines, self.machines.get(name), user, path, args, env)
+
+    @dbus_method_async("s", "h", flags=UNPRIVILEGED, method_name="OpenMachineRootDirectory",
+                       input_args_names=["name"], result_args_names=["fd"])
+    @translated
+    async def open_machine_root_directory(self, name: str) -> int:
+        return await machine_dbus.open_root_directory(self.machines, self.machines.get(name))
+
+    @dbus_method_async("sssbb", "", flags=UNPRIVILEGED, method_name="BindMountMachine",
+                       input_args_names=["name", "source", "destination", "read_only", "mkdir"])
+    @translated
+    async def bind_mount_machine(self, name: str, source: str, destination: str, read_only: bool,
+                                 mkdir: bool) -> None:
+        await machine_dbus.bind_mount(self.machines, self.machines.get(name), source, destination, read_only, mkdir)
+
+    @dbus_method_async("sss", "", flags=UNPRIVILEGED, method_name="CopyFromMachine",
+                       input_args_names=["name", "source", "destination"])
+    @translated
+    async def copy_from_machine(self, name: str, source: str, destination: str) -> None:
+        await machine_dbus.copy(self.machines, self.machines.get(name), source, destination, 0, to_machine=False)
+
+    @dbus_method_async("sss", "", flags=UNPRIVILEGED, method_name="CopyToMachine",
+                       input_args_names=["name", "source", "destination"])
+    @translated
+    async def copy_to_machine(self, name: str, source: str, destination: str) -> None:
+        await machine_dbus.copy(self.machines, self.machines.get(name), source, destination, 0, to_machine=True)
+
+    @dbus_method_async("ssst", "", flags=UNPRIVILEGED, method_name="CopyFromMachineWithFlags",
+                       input_args_names=["name", "source", "destination", "flags"])
+    @translated
+    async def copy_from_machine_with_flags(self, name: str, source: str, destination: str, flags: int) -> None:
+        await machine_dbus.copy(self.machines, self.machines.get(name), source, destination, flags,
+                                to_machine=False)
+
+    @dbus_method_async("ssst", "", flags=UNPRIVILEGED, method_name="CopyToMachineWithFlags",
+                       input_args_names=["name", "source", "destination", "flags"])
+    @translated
+    async def copy_to_machine_with_flags(self, name: str, source: str, destination: str, flags: int) -> None:
+        await machine_dbus.copy(self.machines, self.machines.get(name), source, destination, flags,
+                                to_machine=True)
+
+    @dbus_method_async("su", "u", flags=UNPRIVILEGED, method_name="MapFromMachineUser",
+                       input_args_names=["name", "uid_inner"], result_args_names=["uid_outer"])
+    @translated
+    async def map_from_machine_user(self, name: str, uid: int) -> int:
+        from machined import machine_ops
+
+        return await self.machines.run(machine_ops.map_from_machine_user, self.machines.get(name), uid)
+
+    @dbus_method_async("su", "u", flags=UNPRIVILEGED, method_name="MapFromMachineGroup",
+                       input_args_names=["name", "gid_inner"], result_args_names=["gid_outer"])
+    @translated
+    async def map_from_machine_group(self, name: str, gid: int) -> int:
+        from machined import machine_ops
+
+        return await self.machines.run(machine_ops.map_from_machine_group, self.machines.get(name), gid)
+
+    @dbus_method_async("u", "sou", flags=UNPRIVILEGED, method_name="MapToMachineUser",
+                       input_args_names=["uid_outer"], result_args_names=["machine_name", "machine_path", "uid_inner"])
+    @translated
+    async def map_to_machine_user(self, uid: int) -> tuple[str, str, int]:
+        from machined import machine_ops
+
+        machine, inner = await self.machines.run(machine_ops.map_to_machine_user, list(self.machines.registry), uid)
+        return machine.name, machine.object_path, inner
+
+    @dbus_method_async("u", "sou", flags=UNPRIVILEGED, method_name="MapToMachineGroup",
+                       input_args_names=["gid_outer"], result_args_names=["machine_name", "machine_path", "gid_inner"])
+    @translated
+    async def map_to_machine_group(self, gid: int) -> tuple[str, str, int]:
+        from machined import machine_ops
+
+        machine, inner = await self.machines.run(machine_ops.map_to_machine_group, list(self.machines.registry), gid)
+        return machine.name, machine.object_path, inner
+
+    @dbus_signal_async("so", signal_name="MachineNew", signal_args_names=["machine", "path"])
+    def machine_new(self) -> tuple[str, str]:
+        raise NotImplementedError
+
+    @dbus_signal_async("so", signal_name="MachineRemoved", signal_args_names=["machine", "path"])
+    def machine_removed(self) -> tuple[str, str]:
+        raise NotImplementedError
 
     # --- properties ----------------------------------------------------------
 

@@ -91,7 +91,8 @@ def pool(request: pytest.FixtureRequest, tmp_path: Path):
     subprocess.run(["umount", "-R", str(POOL)], check=True)
     # Locks and settings live outside the pool; a test must not leak them.
     subprocess.run(["rm", "-rf", "/run/systemd/nspawn"], check=True)
-    subprocess.run("rm -rf /etc/systemd/nspawn/* /etc/systemd/import-pubring.gpg", shell=True, check=True)
+    subprocess.run("rm -rf /etc/systemd/nspawn/* /etc/systemd/import-pubring.gpg /run/systemd/machines/*",
+                   shell=True, check=True)
 
 
 class Pool:
