@@ -668,7 +668,7 @@ def main() -> int:
             note(f"{kind}: pool with {mix} ready in {time.monotonic() - t0:.1f} s")
             calls, mcs, cpu, cmp = bench_list(kind, daemons, client, env, who, cfg, problems)
             rows.append(row(kind, f"ListImages D-Bus call ({n_images} images)", calls))
-            rows.append(row(kind, f"ListImages daemon CPU per call", cpu))
+            rows.append(row(kind, "ListImages daemon CPU per call", cpu))
             rows.append(row(kind, f"machinectl list-images ({n_images} images)", mcs))
             extra[f"{kind}_pool"] = {"mix": mix, "listing_comparison": cmp}
 

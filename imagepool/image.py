@@ -97,8 +97,8 @@ class _Mount:
         return self._qgroups.get(subvolume_id, _NO_QGROUP)
 
 
-# Images that depend on nothing but their path and statx, with that statx.
-_StatxImages = dict[str, tuple[fsutil.Statx, Image]]
+# Images by path, with the facts they were made of.
+_Made = dict[str, tuple[object, Image]]
 
 
 class _Scan:
@@ -106,15 +106,15 @@ class _Scan:
     one statx per entry (by the caller), facts about a mount gathered once,
     and a file descriptor only for subvolumes.
 
-    Where an image depends on nothing but its path and its statx (directories
-    and raw files on a writable mount of a file system that has no EROFS of
-    its own), an Image of the previous scan with the very same statx is taken
-    again: nothing in it can have changed."""
+    Making Image objects costs as much as the system calls, so an Image of
+    the previous scan is taken again when the facts it was made of, read
+    afresh, are all the same: its statx where nothing else goes into it, or
+    what the kernel said of a subvolume and its qgroup."""
 
-    def __init__(self, previous: _StatxImages | None = None) -> None:
+    def __init__(self, previous: _Made | None = None) -> None:
         self._mounts: dict[int | None, _Mount] = {}
         self._previous = previous or {}
-        self.statx_images: _StatxImages = {}
+        self.made: _Made = {}
 
     def make(self, name: str, path: str, st: fsutil.Statx, dir_fd: int = fsutil.AT_FDCWD,
              file: str | None = None) -> Image | None:
@@ -126,13 +126,13 @@ class _Scan:
         file = file or path
         if not _statx_only(st, mount):
             return self._make(name, path, st, mount, dir_fd, file)
-        seen = self._previous.get(path)
-        if seen is not None and seen[0] == st:
-            image = seen[1]
-        else:
-            image = self._make(name, path, st, mount, dir_fd, file)
-        self.statx_images[path] = (st, image)
+        image = self._unchanged(path, st) or self._make(name, path, st, mount, dir_fd, file)
+        self.made[path] = (st, image)
         return image
+
+    def _unchanged(self, path: str, facts: object) -> Image | None:
+        seen = self._previous.get(path)
+        return seen[1] if seen is not None and seen[0] == facts else None
 
     def _make(self, name: str, path: str, st: fsutil.Statx, mount: _Mount, dir_fd: int, file: str) -> Image | None:
         if stat.S_ISDIR(st.mode):
@@ -167,8 +167,7 @@ class _Scan:
             crtime=st.btime_usec,
         )
 
-    @staticmethod
-    def _subvolume(name: str, path: str, mount: _Mount, dir_fd: int, file: str) -> Image | None:
+    def _subvolume(self, name: str, path: str, mount: _Mount, dir_fd: int, file: str) -> Image | None:
         """The subvolume at FILE; None when it is none after all."""
         try:
             fd = os.open(file, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOCTTY, dir_fd=dir_fd)
@@ -181,13 +180,18 @@ class _Scan:
             return None
         finally:
             os.close(fd)
-        return Image(
-            name, path, ImageType.SUBVOLUME,
-            read_only=info.read_only or _refuses_writes(path, mount.erofs_possible_subvolume, dir_fd, file),
-            crtime=info.otime,
-            usage=q.referenced, usage_exclusive=q.exclusive,
-            limit=q.max_referenced, limit_exclusive=q.max_exclusive,
-        )
+        facts = (info, q, info.read_only or _refuses_writes(path, mount.erofs_possible_subvolume, dir_fd, file))
+        image = self._unchanged(path, facts)
+        if image is None:
+            image = Image(
+                name, path, ImageType.SUBVOLUME,
+                read_only=facts[2],
+                crtime=info.otime,
+                usage=q.referenced, usage_exclusive=q.exclusive,
+                limit=q.max_referenced, limit_exclusive=q.max_exclusive,
+            )
+        self.made[path] = (facts, image)
+        return image
 
     @staticmethod
     def _raw(name: str, path: str, st: fsutil.Statx, mount: _Mount, dir_fd: int, file: str) -> Image:
@@ -263,7 +267,7 @@ class Pool:
         if self.path not in search_paths:
             search_paths = [self.path, *search_paths]
         self.search_paths = search_paths
-        self._statx_images: _StatxImages = {}  # of the last discover(), see _Scan
+        self._made: _Made = {}  # by the last discover(), see _Scan
 
     def find(self, name: str) -> Image | None:
         if name == ".host":
@@ -291,7 +295,7 @@ class Pool:
 
     def discover(self) -> dict[str, Image]:
         images: dict[str, Image] = {}
-        scan = _Scan(self._statx_images)
+        scan = _Scan(self._made)
         for directory in self.search_paths:
             try:
                 dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -301,7 +305,7 @@ class Pool:
                 _discover_in(scan, directory, dir_fd, images)
             finally:
                 os.close(dir_fd)
-        self._statx_images = scan.statx_images
+        self._made = scan.made
         images.setdefault(".host", host_image())
         return images
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import httpx
 
 from importd.context import Canceled, JobContext, TransferError
+from importd.local import format_bytes
 
 AUX_MAX = 1 << 20
 DEFAULT_STALL_TIMEOUT = 30.0
@@ -55,17 +56,6 @@ class Download:
     not_modified: bool = False  # the server (or the ETag) said we have it
     resumes: int = 0
     hasher: hashlib._Hash = field(default_factory=hashlib.sha256, repr=False)
-
-
-def format_bytes(n: int) -> str:
-    if n < 1024:
-        return f"{n}B"
-    value = float(n)
-    for suffix in "KMGTPE":
-        value /= 1024
-        if value < 1024 or suffix == "E":
-            return f"{value:.1f}{suffix}"
-    return f"{n}B"
 
 
 def _parse_date(value: str | None) -> float | None:

@@ -50,7 +50,7 @@ import subprocess
 import threading
 from collections.abc import Callable, Iterator
 
-from importd.context import Canceled, JobContext, TransferError
+from importd.context import JobContext, TransferError
 
 log = logging.getLogger(__name__)
 

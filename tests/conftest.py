@@ -12,7 +12,6 @@ import ctypes
 import os
 import pwd
 import subprocess
-import sys
 from pathlib import Path
 
 _CLONE_NEWNS = 0x00020000
@@ -107,6 +106,18 @@ class Pool:
     def __truediv__(self, other: str) -> Path:
         return self.path / other
 
+    def wipe(self) -> None:
+        """Empty the pool, read-only and nested subvolumes included (with the
+        btrfs tool, not our code: tests use it to reset between sessions)."""
+        for entry in list(self.path.iterdir()):
+            subprocess.run(["chattr", "-i", str(entry)], stderr=subprocess.DEVNULL)
+            if self.btrfs and subprocess.run(["btrfs", "subvolume", "show", str(entry)],
+                                             capture_output=True).returncode == 0:
+                subprocess.run(["btrfs", "property", "set", str(entry), "ro", "false"], check=True)
+                subprocess.run(["btrfs", "subvolume", "delete", str(entry)], check=True, stdout=subprocess.DEVNULL)
+            else:
+                subprocess.run(["rm", "-rf", str(entry)], check=True)
+
     def __str__(self) -> str:
         return str(self.path)
 
@@ -171,6 +182,15 @@ def daemons(bus: world.PrivateBus, pool: Pool, tmp_path: Path):
     d = Daemons(bus, pool, tmp_path)
     yield d
     d.stop()
+
+
+@pytest.fixture
+def services(daemons: Daemons):
+    """Our machined and importd."""
+    daemons.start("machined")
+    daemons.start("importd")
+    yield daemons
+    daemons.stop()
 
 
 @pytest.fixture

@@ -101,14 +101,6 @@ async def with_client(scenario):
         bus.close()
 
 
-@pytest.fixture
-def services(daemons: Daemons):
-    daemons.start("machined")
-    daemons.start("importd")
-    yield daemons
-    daemons.stop()
-
-
 def test_ex_methods_and_signals(pool: Pool, services: Daemons, tmp_path: Path) -> None:
     tree = tmp_path / "tree"
     make_os_tree(tree)

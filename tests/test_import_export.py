@@ -10,7 +10,6 @@ import os
 import re
 import subprocess
 import tarfile
-import threading
 import time
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import pytest
 
 from imagepool import btrfs, fsutil
 from tests import world
-from tests.conftest import Daemons, Pool, busctl, machinectl
+from tests.conftest import Daemons, Pool, machinectl
 from tests.imagetree import describe_tree, make_os_tree, make_rich_tree
 
 COMPRESSORS = {
@@ -28,14 +27,6 @@ COMPRESSORS = {
     ".bz2": ["bzip2", "-c"],
     ".zst": ["zstd", "-q", "-c"],
 }
-
-
-@pytest.fixture
-def services(daemons: Daemons):
-    daemons.start("machined")
-    daemons.start("importd")
-    yield daemons
-    daemons.stop()
 
 
 def mc(*args: str, input: str | None = None, ok: bool = True) -> subprocess.CompletedProcess:
@@ -307,12 +298,7 @@ def test_machinectl_matches_reference_importd(pool: Pool, daemons: Daemons, tmp_
             outputs.append(f"$ machinectl {' '.join(verb)}\n{strip_progress(r.stdout + r.stderr)}rc={r.returncode}\n")
         daemons.stop("importd")
         names = {p for p in os.listdir(pool.path) if not p.startswith(".#")}
-        for p in pool.path.iterdir():
-            subprocess.run(["chattr", "-i", str(p)], stderr=subprocess.DEVNULL)
-            if pool.btrfs and btrfs.is_subvolume(str(p)):
-                btrfs.delete_subvolume(str(p))
-            else:
-                subprocess.run(["rm", "-rf", str(p)], check=True)
+        pool.wipe()
         for p in src.glob("out*"):
             p.unlink()
         for p in src.glob("o.tar"):

@@ -3,7 +3,6 @@ on identical pools: the same output, messages and exit codes."""
 
 from __future__ import annotations
 
-import subprocess
 
 import pytest
 
@@ -79,19 +78,6 @@ def run_all(daemons: Daemons, start, verbs: list[list[str]]) -> list[str]:
     return outputs
 
 
-def reset_pool(pool: Pool) -> None:
-    # Subvolumes that are read-only or nested need btrfs to go away.
-    for entry in list(pool.path.iterdir()):
-        subprocess.run(["chattr", "-i", str(entry)], stderr=subprocess.DEVNULL)
-        if pool.btrfs and subprocess.run(
-            ["btrfs", "subvolume", "show", str(entry)], capture_output=True
-        ).returncode == 0:
-            subprocess.run(["btrfs", "property", "set", str(entry), "ro", "false"], check=True)
-            subprocess.run(["btrfs", "subvolume", "delete", str(entry)], check=True, stdout=subprocess.DEVNULL)
-        else:
-            subprocess.run(["rm", "-rf", str(entry)], check=True)
-
-
 def assert_same(ours: list[str], reference: list[str]) -> None:
     mismatches = [
         f"--- reference\n{r}--- ours\n{o}" for o, r in zip(ours, reference) if normalize(o) != normalize(r)
@@ -115,7 +101,7 @@ def test_mutations_match_reference(pool: Pool, daemons: Daemons) -> None:
     populate(pool.path, pool.btrfs, raw_data=True)
     reference = run_all(daemons, daemons.start_reference, MUTATIONS)
     reference_state = sorted(p.name for p in pool.path.iterdir())
-    reset_pool(pool)
+    pool.wipe()
     populate(pool.path, pool.btrfs, raw_data=True)
     ours = run_all(daemons, daemons.start_ours, MUTATIONS)
     assert_same(ours, reference)

@@ -419,12 +419,7 @@ def test_pull_messages_match_reference(pool: Pool, daemons: Daemons, tmp_path: P
                     out.append(None)
                     daemons.start("importd", ours)
             daemons.stop("importd")
-            for p in pool.path.iterdir():
-                subprocess.run(["chattr", "-i", str(p)], stderr=subprocess.DEVNULL)
-                if pool.btrfs and btrfs.is_subvolume(str(p)):
-                    btrfs.delete_subvolume(str(p))
-                else:
-                    subprocess.run(["rm", "-rf", str(p)], check=True)
+            pool.wipe()
             return out
 
         reference = session(False)
