@@ -101,22 +101,17 @@ def _get_flags(fd: int) -> int:
     return struct.unpack("l", fcntl.ioctl(fd, _FS_IOC_GETFLAGS, b"\0" * 8))[0]
 
 
-def fd_immutable(fd: int) -> bool:
-    """The immutable attribute of FD; False when the file system has none."""
-    try:
-        return bool(_get_flags(fd) & FS_IMMUTABLE_FL)
-    except OSError:
-        return False
-
-
 def get_immutable(path: str, dir_fd: int = AT_FDCWD, follow: bool = False) -> bool:
+    """The immutable attribute of PATH; False when the file system has none."""
     nofollow = 0 if follow else os.O_NOFOLLOW
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY | nofollow, dir_fd=dir_fd)
     except OSError:
         return False
     try:
-        return fd_immutable(fd)
+        return bool(_get_flags(fd) & FS_IMMUTABLE_FL)
+    except OSError:
+        return False
     finally:
         os.close(fd)
 

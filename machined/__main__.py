@@ -10,6 +10,7 @@ from imagepool import daemon
 from imagepool.image import Pool
 from machined.images import ImageManager
 from machined.machines import MachineManager
+from machined.userdb import UserDatabase
 from machined.manager_dbus import MANAGER_PATH, ManagerObject
 
 log = logging.getLogger("machined")
@@ -25,6 +26,12 @@ async def serve(pool_path: str, stop: asyncio.Event) -> None:
     manager = ManagerObject(images, machines)
     manager.export_to_dbus(MANAGER_PATH)
     machines.start()
+    userdb = UserDatabase(lambda: machines.registry)
+    try:
+        await userdb.start()
+    except OSError as e:
+        log.warning("Not serving the user database: %s", e)
+        userdb = None
     await images.discover()
     images.start_watching()
     await daemon.request_name(bus, BUS_NAME)
@@ -33,11 +40,15 @@ async def serve(pool_path: str, stop: asyncio.Event) -> None:
     await stop.wait()
     daemon.sd_notify("STOPPING=1")
     images.stop_watching()
+    if userdb:
+        await userdb.stop()
     machines.close()
     bus.close()
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Our own user lookups must not come back to our own userdb socket.
+    os.environ["SYSTEMD_BYPASS_USERDB"] = "io.systemd.Machine"
     args = daemon.parse_args("machined", argv)
     daemon.setup_logging(args.debug)
     return daemon.run(lambda stop: serve(args.pool, stop))

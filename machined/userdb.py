@@ -45,7 +45,12 @@ from asyncvarlink import (
     varlinksignature,
 )
 from asyncvarlink.conversion import ConversionError
-from asyncvarlink.serviceinterface import InvalidParameter, MethodNotFound, VarlinkServiceInterface
+from asyncvarlink.serviceinterface import (
+    InterfaceNotFound,
+    InvalidParameter,
+    MethodNotFound,
+    VarlinkServiceInterface,
+)
 
 from machined.machine import Machine, MachineClass
 
@@ -61,8 +66,10 @@ NOLOGIN = "/usr/sbin/nologin" if os.path.exists("/usr/sbin/nologin") else "/sbin
 _INVALID_IDS = (0xFFFF, 0xFFFFFFFF)  # systemd's uid_is_valid(): the 16 and 32 bit "-1"
 _ID_MAX = 0xFFFFFFFF
 
-# Limits as systemd's varlink servers have them.
-MESSAGE_SIZE_MAX = 16 * 1024 * 1024
+# Connection limits as systemd's varlink servers have them.  Messages: systemd
+# allows 16 MiB, but asyncvarlink reassembles a message in 4 KiB reads with
+# quadratic copying, and no userdb call comes near 64 KiB.
+MESSAGE_SIZE_MAX = 64 * 1024
 CONNECTIONS_MAX = 4096
 CONNECTIONS_PER_UID_MAX = 1024
 
@@ -163,6 +170,10 @@ class Resolved(typing.NamedTuple):
     host: int    # the ID on the host
 
 
+def _synthesized_name(prefix: str, found: Resolved) -> str:
+    return f"{prefix}{found.machine.name}-{found.inner}"
+
+
 class UserDatabase:
     """io.systemd.UserDatabase for machined, on a unix socket served by the
     running asyncio loop.  MACHINES is called on every lookup."""
@@ -227,32 +238,31 @@ class UserDatabase:
         return None
 
     def _lookup(self, id_: int | None, name: str | None, service: str, kind: str) -> Resolved:
-        id_param = kind
+        """Checks and lookup shared by GetUserRecord (kind "uid") and
+        GetGroupRecord ("gid"), in systemd's order."""
         if id_ is not None and (isinstance(id_, bool) or not 0 <= id_ <= _ID_MAX or id_ in _INVALID_IDS):
-            raise InvalidParameter(parameter=id_param)
+            raise InvalidParameter(parameter=kind)
         if service != SERVICE:
             raise BadService()
         prefix = "vu-" if kind == "uid" else "vg-"
         if id_ is not None:
             found = self.resolve_host_id(id_, kind)
-            synthesized = None if found is None else f"{prefix}{found.machine.name}-{found.inner}"
-            if synthesized is not None and not valid_user_group_name(synthesized):
-                found = None
+            if found is not None and not valid_user_group_name(_synthesized_name(prefix, found)):
+                found = None   # e.g. the machine name is too long for a user name
         elif name is not None:
             found = self.resolve_name(name, prefix, kind)
         else:
             raise EnumerationNotSupported()
         if found is None:
             raise NoRecordFound()
-        if (id_ is not None and found.host != id_) or (
-                name is not None and f"{prefix}{found.machine.name}-{found.inner}" != name):
+        if (id_ is not None and found.host != id_) or (name is not None and _synthesized_name(prefix, found) != name):
             raise ConflictingRecordFound()
         return found
 
     def user_record(self, uid: int | None, user_name: str | None, service: str) -> dict[str, typing.Any]:
         found = self._lookup(uid, user_name, service, "uid")
         record: dict[str, typing.Any] = {
-            "userName": f"vu-{found.machine.name}-{found.inner}",
+            "userName": _synthesized_name("vu-", found),
             "uid": found.host,
             "gid": NOBODY_GID,
         }
@@ -271,7 +281,7 @@ class UserDatabase:
     def group_record(self, gid: int | None, group_name: str | None, service: str) -> dict[str, typing.Any]:
         found = self._lookup(gid, group_name, service, "gid")
         record: dict[str, typing.Any] = {
-            "groupName": f"vg-{found.machine.name}-{found.inner}",
+            "groupName": _synthesized_name("vg-", found),
             "gid": found.host,
         }
         description = f"GID {found.inner} of Container {found.machine.name}"
@@ -292,26 +302,9 @@ class UserDatabase:
         if self._sock is not None:
             raise RuntimeError("UserDatabase already started")
         loop = asyncio.get_running_loop()
-        parent = os.path.dirname(path)
-        if parent and not os.path.isdir(parent):
-            os.makedirs(parent, mode=0o755, exist_ok=True)
-            os.chmod(parent, 0o755)
-        with contextlib.suppress(FileNotFoundError):
-            if stat.S_ISSOCK(os.lstat(path).st_mode):
-                os.unlink(path)   # stale, from an earlier instance
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
-        try:
-            sock.bind(path)
-            os.chmod(path, 0o666)  # before listen(): nobody can connect yet
-            st = os.stat(path)
-            sock.listen(socket.SOMAXCONN)
-        except BaseException:
-            sock.close()
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-            raise
-        self._sock, self._path, self._inode, self._loop = sock, path, (st.st_dev, st.st_ino), loop
-        loop.add_reader(sock, self._accept)
+        self._sock, self._inode = _listen(path)
+        self._path, self._loop = path, loop
+        loop.add_reader(self._sock, self._accept)
         log.debug("Serving %s on %s.", INTERFACE, path)
 
     async def stop(self) -> None:
@@ -386,6 +379,34 @@ class UserDatabase:
                 del self._per_uid[uid]
 
 
+def _listen(path: str) -> tuple[socket.socket, tuple[int, int]]:
+    """A listening unix socket at PATH, mode 0666, replacing a stale socket;
+    returns it and the (device, inode) of its file."""
+    parent = os.path.dirname(path)
+    if parent and not os.path.isdir(parent):
+        os.makedirs(parent, mode=0o755, exist_ok=True)
+        os.chmod(parent, 0o755)
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)   # stale, from an earlier instance
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+    try:
+        sock.bind(path)
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        os.chmod(path, 0o666)  # before listen(): nobody can connect yet
+        st = os.stat(path)
+        sock.listen(socket.SOMAXCONN)
+    except BaseException:
+        sock.close()
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
+    return sock, (st.st_dev, st.st_ino)
+
+
 # --- the Varlink interface --------------------------------------------------------------
 
 
@@ -437,49 +458,115 @@ def _service_interface(registry: VarlinkInterfaceRegistry) -> VarlinkServiceInte
         version = importlib.metadata.version("machined-py")
     except importlib.metadata.PackageNotFoundError:
         version = "unknown"
-    return VarlinkServiceInterface("machined-py", "systemd-machined (Python)", version,
-                                   "https://github.com/systemd/systemd", registry)
+    return VarlinkServiceInterface("machined-py", "systemd-machined (Python)", version, "", registry)
 
 
 class _Connection(VarlinkInterfaceServerProtocol):
     """One client.  Beyond asyncvarlink's protocol: UserDatabase methods take
     "more" calls (answered with one final reply), ignore parameters they do
     not know (newer clients send filters) and get a missing service reported
-    as BadService; garbage on the wire or an oversized message drops the
-    connection, as systemd does."""
+    as BadService.  Garbage on the wire (bad JSON, no valid call object, an
+    oversized message) ends the connection, as with systemd, after the calls
+    received before it are answered; so does the client's EOF, after every
+    call it sent (asyncvarlink alone closes at EOF with pipelined calls still
+    queued, and stumbles over JSON errors other than JSONDecodeError)."""
 
     def __init__(self, db: UserDatabase) -> None:
         super().__init__(db._registry)
         self._db = db
-        self._partial = 0   # bytes received since the last NUL
+        self._partial = 0        # bytes of the message being received
+        self._received = 0       # complete messages queued for handling
+        self._handled = 0        # of those, handled or dropped
+        self._limit: int | None = None   # garbage seen: handle only this many messages
+        self._draining = False   # close once every queued message is handled
+        self._finished = False   # closing: handle nothing more
+        self._gone = False       # connection lost
 
     def message_received(self, data: bytes, fds: typing.Any) -> None:
+        if self._limit is not None or self._finished or self._gone:
+            return
         end = data.rfind(b"\0")
         self._partial = len(data) - end - 1 if end >= 0 else self._partial + len(data)
-        super().message_received(data, fds)
         if self._partial > MESSAGE_SIZE_MAX:
-            log.debug("userdb client sent an oversized message, disconnecting.")
-            self.close()
+            self._reject("an oversized message", self._received)
+            return
+        # One message at a time, so that we know which ones got queued.
+        *messages, tail = data.split(b"\0")
+        for message in messages:
+            try:
+                super().message_received(message + b"\0", fds)
+            except (ValueError, RecursionError) as e:
+                # json.loads() raises more than the JSONDecodeError that
+                # asyncvarlink handles: bad UTF-8, nesting too deep.
+                self._reject(f"undecodable JSON ({type(e).__name__})", self._received)
+                return
+            fds = None
+            self._received += 1
+        if tail:
+            super().message_received(tail, fds)
 
     def error_received(self, err: Exception, data: bytes, fds: typing.Any) -> None:
-        log.debug("userdb client sent invalid JSON (%s), disconnecting.", err)
-        self.close()
+        if not self._dropped():
+            self._reject(f"invalid JSON ({err})", self._handled)
+        self._done_one()
 
     def request_received(self, obj: typing.Any, fds: typing.Any) -> asyncio.Future[None] | None:
         try:
-            VarlinkMethodCall.fromjson(obj)
-        except (TypeError, ValueError) as e:
-            log.debug("userdb client sent an invalid call (%s), disconnecting.", e)
-            self.close()
-            return None
-        return super().request_received(obj, fds)
+            if self._dropped():
+                return None
+            try:
+                VarlinkMethodCall.fromjson(obj)
+            except (TypeError, ValueError) as e:
+                self._reject(f"an invalid call ({e})", self._handled)
+                return None
+            return super().request_received(obj, fds)
+        finally:
+            self._done_one()
+
+    def eof_received(self) -> None:
+        self._draining = True
+        self._maybe_finish()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._gone = True
+        super().connection_lost(exc)
+
+    def _dropped(self) -> bool:
+        """Whether the message about to be handled comes too late."""
+        return self._gone or self._finished or (self._limit is not None and self._handled >= self._limit)
+
+    def _reject(self, what: str, limit: int) -> None:
+        """Garbage after LIMIT good messages: answer those, then close."""
+        log.debug("userdb client sent %s, disconnecting.", what)
+        self._limit = limit
+        self._draining = True
+        self._maybe_finish()
+
+    def _done_one(self) -> None:
+        self._handled += 1
+        self._maybe_finish()
+
+    def _maybe_finish(self) -> None:
+        if self._draining and not self._finished and self._handled >= self._received:
+            self._finished = True
+            # asyncvarlink's EOF handling: close once calls in flight are done.
+            super().eof_received()
+
+    def send_reply(self, reply: VarlinkMethodReply, fds: list[int] | None = None,
+                   autoclose: bool = True) -> asyncio.Future[None]:
+        if reply.error is not None and not reply.parameters:
+            reply.extensions.setdefault("parameters", {})   # as systemd: "parameters":{} on every error
+        return super().send_reply(reply, fds, autoclose)
 
     def call_received(self, call: VarlinkMethodCall, fds: typing.Any) -> asyncio.Future[None] | None:
         if call.method_interface != INTERFACE:
+            # Unknown interfaces too get MethodNotFound with the full method
+            # name, as from systemd (asyncvarlink: InterfaceNotFound).
             try:
-                return super().call_received(call, fds)
-            except MethodNotFound:
+                self._db._registry.lookup_method(call)
+            except (MethodNotFound, InterfaceNotFound):
                 raise MethodNotFound(method=call.method) from None
+            return super().call_received(call, fds)
         known = _KNOWN_PARAMETERS.get(call.method_name)
         if known is None:
             raise MethodNotFound(method=call.method)
