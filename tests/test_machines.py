@@ -1,0 +1,203 @@
+"""The machine registry with real clients: systemd-nspawn --register=yes,
+machinectl, busctl and libsystemd's sd-login, on a machine without systemd
+as PID 1."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests import world
+from tests.conftest import Daemons, Pool, busctl, machinectl
+
+MANAGER = ("org.freedesktop.machine1", "/org/freedesktop/machine1", "org.freedesktop.machine1.Manager")
+
+
+def make_root(path: Path, name: str = "BusyBox") -> Path:
+    """A minimal container root: static busybox, os-release, passwd."""
+    for d in ("bin", "usr", "etc", "dev", "proc", "sys", "tmp", "run", "root"):
+        (path / d).mkdir(parents=True, exist_ok=True)
+    shutil.copy("/bin/busybox", path / "bin/busybox")
+    for tool in ("sh", "sleep", "ls", "cat", "echo", "id", "ip", "hostname", "mount", "touch"):
+        os.symlink("busybox", path / "bin" / tool)
+    (path / "etc/os-release").write_text(f'ID=busybox\nVERSION_ID=1.35\nPRETTY_NAME="{name}"\n')
+    (path / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+    (path / "etc/group").write_text("root:x:0:\n")
+    (path / "etc/machine-id").write_text("")
+    return path
+
+
+class Nspawn:
+    """A running systemd-nspawn --register=yes container."""
+
+    def __init__(self, root: Path, name: str, *extra: str) -> None:
+        self.name = name
+        self.proc = subprocess.Popen(
+            ["systemd-nspawn", "--keep-unit", "--register=yes", "-q", "-D", str(root), "-M", name, *extra,
+             "/bin/sleep", "1000"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            start_new_session=True)
+
+    def wait_registered(self) -> None:
+        def registered() -> bool:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"nspawn exited: {self.proc.stderr.read()}")
+            return machinectl("show", "-p", "Name", self.name).returncode == 0
+
+        world.wait_for(registered, 30, f"{self.name} to register")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+
+@pytest.fixture
+def machined_only(daemons: Daemons):
+    daemons.start("machined")
+    yield daemons
+    daemons.stop()
+
+
+@pytest.fixture
+def container(pool: Pool, machined_only: Daemons, tmp_path: Path):
+    root = make_root(tmp_path / "root")
+    c = Nspawn(root, "c1")
+    try:
+        c.wait_registered()
+        yield c
+    finally:
+        c.stop()
+
+
+def show(name: str, prop: str) -> str:
+    r = machinectl("show", "-p", prop, "--value", name)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
+@pytest.mark.parametrize("pool", ["plain"], indirect=True)
+def test_nspawn_registers_and_is_listed(pool: Pool, container: Nspawn) -> None:
+    r = machinectl("list")
+    assert r.returncode == 0
+    assert any(line.split()[:3] == ["c1", "container", "systemd-nspawn"] for line in r.stdout.splitlines())
+    assert show("c1", "Class") == "container"
+    assert show("c1", "Service") == "systemd-nspawn"
+    assert show("c1", "State") == "running"
+    leader = int(show("c1", "Leader"))
+    assert os.path.exists(f"/proc/{leader}")
+    state = Path("/run/systemd/machines/c1").read_text()
+    assert "CLASS=container" in state and f"LEADER={leader}" in state
+    # .host is always there.
+    assert ".host" in machinectl("list", "--all").stdout
+    r = busctl("call", *MANAGER, "GetMachineByPID", "u", str(leader))
+    assert r.stdout.strip() == 'o "/org/freedesktop/machine1/machine/c1"'
+
+
+@pytest.mark.parametrize("pool", ["plain"], indirect=True)
+def test_sd_login_sees_machines(pool: Pool, container: Nspawn) -> None:
+    libsystemd = ctypes.CDLL("libsystemd.so.0")
+    names = ctypes.POINTER(ctypes.c_char_p)()
+    n = libsystemd.sd_get_machine_names(ctypes.byref(names))
+    assert n >= 1
+    found = [names[i].decode() for i in range(n)]
+    assert "c1" in found
+    cls = ctypes.c_char_p()
+    assert libsystemd.sd_machine_get_class(b"c1", ctypes.byref(cls)) == 0
+    assert cls.value == b"container"
+
+
+@pytest.mark.parametrize("pool", ["plain"], indirect=True)
+def test_leader_exit_removes_machine(pool: Pool, container: Nspawn) -> None:
+    leader = int(show("c1", "Leader"))
+    os.kill(leader, signal.SIGKILL)
+    world.wait_for(lambda: machinectl("show", "c1").returncode != 0, 10, "c1 to go away")
+    assert not Path("/run/systemd/machines/c1").exists()
+
+
+@pytest.mark.parametrize("pool", ["plain"], indirect=True)
+def test_restart_keeps_running_machines(pool: Pool, container: Nspawn, machined_only: Daemons) -> None:
+    leader = show("c1", "Leader")
+    # A stale state file of a machine whose leader is gone is cleaned up.
+    Path("/run/systemd/machines/ghost").write_text("NAME=ghost\nLEADER=999999\nCLASS=container\n")
+    machined_only.start("machined")
+    assert show("c1", "Leader") == leader
+    assert machinectl("show", "ghost").returncode != 0
+    assert not Path("/run/systemd/machines/ghost").exists()
+    # And it still notices when the leader exits.
+    os.kill(int(leader), signal.SIGKILL)
+    world.wait_for(lambda: machinectl("show", "c1").returncode != 0, 10, "c1 to go away")
+
+
+@pytest.mark.parametrize("pool", ["plain"], indirect=True)
+def test_register_argument_checks(pool: Pool, machined_only: Daemons) -> None:
+    sleeper = subprocess.Popen(["sleep", "100"])
+    try:
+        pid = str(sleeper.pid)
+
+        def register(name: str, mid: list[str], cls: str, leader: str, root: str = "") -> subprocess.CompletedProcess:
+            return busctl("call", *MANAGER, "RegisterMachine", "sayssus", name, str(len(mid)), *mid, "svc", cls,
+                          leader, root)
+
+        assert "Invalid machine name parameter" in register("bad name", [], "container", pid).stderr
+        assert "Invalid machine name parameter" in register("a" * 65, [], "container", pid).stderr
+        assert "Invalid machine ID parameter" in register("m1", ["1", "2"], "container", pid).stderr
+        assert "Invalid machine class parameter" in register("m1", [], "toaster", pid).stderr
+        assert "Invalid machine class parameter" in register("m1", [], "host", pid).stderr
+        assert "Invalid leader PID" in register("m1", [], "container", "1").stderr
+        assert "Invalid leader PID" in register("m1", [], "container", "999999").stderr
+        assert "Root directory must be empty or an absolute path" in register("m1", [], "vm", pid, "relative").stderr
+        r = register("m1", [], "vm", pid)
+        assert r.returncode == 0 and r.stdout.strip() == 'o "/org/freedesktop/machine1/machine/m1"'
+        r = register("m1", [], "vm", pid)
+        assert "org.freedesktop.machine1.MachineExists" in r.stderr or "already exists" in r.stderr
+        assert "No machine 'nope' known" in busctl("call", *MANAGER, "GetMachine", "s", "nope").stderr
+        r = busctl("call", *MANAGER, "GetMachineByPID", "u", str(os.getpid()))
+        assert "does not belong to any known machine" in r.stderr
+        # Non-root callers may look, not register or kill.
+        r = machinectl("list", user="nobody")
+        assert r.returncode == 0 and "m1" in r.stdout
+        r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "busctl", "--system",
+                            "call", *MANAGER, "RegisterMachine", "sayssus", "m2", "0", "svc", "container", pid, ""],
+                           capture_output=True, text=True)
+        assert r.returncode != 0 and "Access denied" in r.stderr
+        r = machinectl("terminate", "m1", user="nobody")
+        assert r.returncode != 0 and "Access denied" in r.stderr
+        assert busctl("call", *MANAGER, "UnregisterMachine", "s", "m1").returncode == 0
+        assert machinectl("show", "m1").returncode != 0
+        assert sleeper.poll() is None  # unregistering doesn't stop anything
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+@pytest.mark.parametrize("pool", ["plain"], indirect=True)
+def test_create_machine_and_signals(pool: Pool, machined_only: Daemons) -> None:
+    monitor = subprocess.Popen(["busctl", "--system", "monitor", "--match",
+                                "type='signal',interface='org.freedesktop.machine1.Manager'"],
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    sleeper = subprocess.Popen(["sleep", "100"])
+    try:
+        time.sleep(0.5)
+        r = busctl("call", *MANAGER, "CreateMachine", "sayssusa(sv)", "made", "0", "svc", "container",
+                   str(sleeper.pid), "", "0")
+        assert r.returncode == 0, r.stderr
+        assert show("made", "Unit") == "machine-made.scope"
+        r = machinectl("terminate", "made")
+        assert r.returncode == 0, r.stderr
+        sleeper.wait(timeout=15)
+        world.wait_for(lambda: machinectl("show", "made").returncode != 0, 10, "made to go away")
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        time.sleep(0.5)
+        monitor.terminate()
+        out = monitor.communicate(timeout=10)[0]
+    assert "MachineNew" in out and "MachineRemoved" in out
