@@ -156,7 +156,7 @@ def _parse_header(fd: int, file_size: int, max_size: int) -> _Header:
         incompatible = 0
 
     if not _MIN_CLUSTER_BITS <= cluster_bits <= _MAX_CLUSTER_BITS:
-        raise Qcow2Error(f"qcow2 cluster size 2^{cluster_bits} not supported")
+        raise Qcow2Error(f"qcow2 cluster_bits {cluster_bits} not supported")
     if backing_file_offset != 0:
         raise Qcow2Error("qcow2 image has a backing file, refusing")
     if crypt_method != 0:

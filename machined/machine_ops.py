@@ -50,7 +50,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from imagepool.errors import Errno, InvalidArgs, NotSupported, PoolError
-from imagepool.metadata import open_in_root, parse_env_file, read_file_in_root
+from imagepool.metadata import parse_env_file, read_file_in_root
 from machined import machine as _machine
 from machined import nsexec
 from machined.machine import Machine, MachineClass, NoPrivateNetworking, NoSuchGroupMapping, NoSuchUserMapping
@@ -85,9 +85,17 @@ class _Leader:
             self.fd = os.open(f"/proc/{m.leader}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except FileNotFoundError:
             raise Errno(errno.ESRCH) from None
-        if m.pidfd >= 0 and _pidfd_exited(m.pidfd):
+        if (m.pidfd >= 0 and _pidfd_exited(m.pidfd)) or self._dead():
             os.close(self.fd)
             raise Errno(errno.ESRCH)
+
+    def _dead(self) -> bool:
+        """Exited (a zombie has no namespaces or root any more)."""
+        try:
+            text = self.read("stat")
+            return text[text.rindex(")") + 2] in "ZX"
+        except (OSError, ValueError, IndexError):
+            return True
 
     def __enter__(self) -> _Leader:
         return self
@@ -457,7 +465,7 @@ def _open_ptmx_in_root(root_fd: int) -> int:
     """Open the machine's /dev/ptmx, resolved inside its root: allocates the
     pty in the devpts instance mounted in the machine.  Only a ptmx device
     is opened (a machine could point /dev/ptmx at any device node)."""
-    path_fd = open_in_root(root_fd, "/dev/ptmx", os.O_PATH)
+    path_fd = nsexec.open_in_root(root_fd, "/dev/ptmx", os.O_PATH)
     try:
         st = os.fstat(path_fd)
         if not stat.S_ISCHR(st.st_mode) or st.st_rdev != _PTMX_RDEV:
@@ -755,7 +763,10 @@ def open_shell(m: Machine, user: str, path: str, args: list[str], env: list[str]
             argv.append(account.shell)
 
         master, name = open_pty(m)
-        slave = nsexec.pty_peer(master)
+        try:
+            slave = nsexec.pty_peer(master)
+        except OSError as e:
+            raise _oserror(e) from None
         request["slave"] = len(fds)
         fds.append(slave)
         # What login(1) does: the user owns the terminal, group tty may write.
@@ -765,8 +776,11 @@ def open_shell(m: Machine, user: str, path: str, args: list[str], env: list[str]
             gid = _outer_of(_id_map(m, "gid_map"), gid) if gid >= 0 else -1
             if uid is None:
                 raise PoolError(f"User '{user}' is not mapped to the host.")
-        os.fchown(slave, uid, -1 if gid is None else gid)
-        os.fchmod(slave, 0o620)
+        try:
+            os.fchown(slave, uid, -1 if gid is None else gid)
+            os.fchmod(slave, 0o620)
+        except OSError as e:
+            raise _oserror(e) from None
 
         environment = {
             "PATH": DEFAULT_PATH,
@@ -816,7 +830,7 @@ def open_login(m: Machine) -> tuple[int, str]:
                 raise _oserror(e) from None
         request["root"] = 0
         try:
-            os.close(open_in_root(root, "/run/dbus/system_bus_socket", os.O_PATH))
+            os.close(nsexec.open_in_root(root, "/run/dbus/system_bus_socket", os.O_PATH))
         except FileNotFoundError:
             raise Errno(errno.ENOENT, f"There is no system bus in container {m.name}.") from None
         except OSError as e:
@@ -857,12 +871,25 @@ class _Copier:
         self.uid = uid
         self.gid = gid
         self.replace = replace
+        # Hard links: (dev, ino) of a source inode -> where its first copy
+        # went, as (fd of that destination directory, name).  One fd per
+        # directory, never a path: paths below the destination could be
+        # changed under us by the machine.
         self.links: dict[tuple[int, int], tuple[int, str]] = {}
+        self.dirs: dict[tuple[int, int], int] = {}
 
     def close(self) -> None:
-        for fd, _name in self.links.values():
+        for fd in self.dirs.values():
             os.close(fd)
+        self.dirs.clear()
         self.links.clear()
+
+    def remember_link(self, st: os.stat_result, ddir: int, dname: str) -> None:
+        dst = os.fstat(ddir)
+        fd = self.dirs.get((dst.st_dev, dst.st_ino))
+        if fd is None:
+            fd = self.dirs[dst.st_dev, dst.st_ino] = os.dup(ddir)
+        self.links[st.st_dev, st.st_ino] = (fd, dname)
 
     def owner(self, st: os.stat_result) -> tuple[int, int]:
         return (st.st_uid if self.uid < 0 else self.uid, st.st_gid if self.gid < 0 else self.gid)
@@ -924,7 +951,7 @@ class _Copier:
         else:
             raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
         if st.st_nlink > 1 and not stat.S_ISLNK(mode):
-            self.links[key] = (os.dup(ddir), dname)
+            self.remember_link(st, ddir, dname)
 
     def regular(self, sdir: int, sname: str, st: os.stat_result, ddir: int, dname: str) -> None:
         src = os.open(sname, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC, dir_fd=sdir)
@@ -1086,7 +1113,7 @@ def _copy(m: Machine, src: str, dst: str, replace: bool, from_machine: bool) -> 
             except OSError as e:
                 raise _oserror(e) from None
         try:
-            container_fd = open_in_root(root, container_parent, os.O_RDONLY | os.O_DIRECTORY)
+            container_fd = nsexec.open_in_root(root, container_parent, os.O_RDONLY | os.O_DIRECTORY)
         except OSError as e:
             raise _oserror(e) from None
         finally:
@@ -1135,13 +1162,14 @@ def _path_is_normalized(path: str) -> bool:
 def bind_mount(m: Machine, src: str, dst: str, read_only: bool, mkdir: bool) -> None:
     """Bind mount SRC of the host on DST in the machine.
 
-    A container started by systemd-nspawn has a propagation directory: the
-    new mount is attached below /run/systemd/nspawn/propagate/<name>/ on the
-    host, appears in the container below /run/host/incoming/ and is moved
-    from there.  Without one, the mount is made directly: open_tree() clones
-    SRC as a detached mount here, and the nsexec helper, in the machine's
-    mount namespace and root, attaches it with move_mount().  Read-only is
-    set on the clone (mount_setattr) before it is attached anywhere."""
+    The mount is cloned from SRC with open_tree() here, made read-only with
+    mount_setattr() if asked (before it is attached anywhere), and attached
+    by the nsexec helper in the machine's mount namespace and root.  For a
+    container of systemd-nspawn, as systemd does, a second clone is attached
+    below its propagation directory /run/systemd/nspawn/propagate/<name>/
+    and the helper moves it from /run/host/incoming/ inside; if it did not
+    propagate there (the host's /run is not a shared mount, as on a host
+    without systemd), the helper attaches the first clone directly."""
     _check_container(m, NotSupported("Bind mounting is only supported on container machines."))
     if not _path_is_normalized(src):
         raise InvalidArgs("Source path must be absolute and normalized.")
@@ -1151,55 +1179,61 @@ def bind_mount(m: Machine, src: str, dst: str, read_only: bool, mkdir: bool) -> 
         raise InvalidArgs("Destination path must be absolute and normalized.")
     if _uid_shift(m) != 0:
         raise NotSupported("Can't bind mount on container with user namespacing applied.")
+    message = f"Failed to mount {src} on {dst} in machine's namespace"
 
-    def fail(e: OSError) -> Errno:
-        return _oserror(e, f"Failed to mount {src} on {dst} in machine's namespace")
+    def clone(src_fd: int) -> int:
+        tree = nsexec.open_tree(src_fd, "", nsexec.OPEN_TREE_CLONE | nsexec.OPEN_TREE_CLOEXEC | nsexec.AT_EMPTY_PATH)
+        if read_only:
+            try:
+                nsexec.mount_setattr(tree, "", nsexec.AT_EMPTY_PATH, nsexec.MOUNT_ATTR_RDONLY)
+            except BaseException:
+                os.close(tree)
+                raise
+        return tree
 
     fds: list[int] = []
     outside = ""
     outside_mounted = False
+    src_fd = -1
     try:
         try:
             src_fd = os.open(src, os.O_PATH | os.O_CLOEXEC)
-            try:
-                is_dir = stat.S_ISDIR(os.fstat(src_fd).st_mode)
-                tree = nsexec.open_tree(src_fd, "", nsexec.OPEN_TREE_CLONE | nsexec.OPEN_TREE_CLOEXEC
-                                        | nsexec.AT_EMPTY_PATH)
-            finally:
-                os.close(src_fd)
-            fds.append(tree)
-            if read_only:
-                nsexec.mount_setattr(tree, "", nsexec.AT_EMPTY_PATH, nsexec.MOUNT_ATTR_RDONLY)
+            is_dir = stat.S_ISDIR(os.fstat(src_fd).st_mode)
+            fds.append(clone(src_fd))
         except OSError as e:
-            raise fail(e) from None
-
-        request: dict = {"op": "bind", "ns": {}, "dest": dst, "mkdir": mkdir, "is_dir": is_dir}
-        propagate = os.path.join(PROPAGATE_DIR, m.name)
+            raise _oserror(e, message) from None
+        request: dict = {"op": "bind", "ns": {}, "tree": 0, "dest": dst, "mkdir": mkdir, "is_dir": is_dir}
         with _Leader(m) as leader:
             try:
-                root = leader.root()
                 request["root"] = len(fds)
-                fds.append(root)
+                fds.append(leader.root())
                 for kind, fd in leader.namespaces(("mnt",)).items():
                     request["ns"][kind] = len(fds)
                     fds.append(fd)
             except OSError as e:
-                raise fail(e) from None
+                raise _oserror(e, message) from None
+        propagate = os.path.join(PROPAGATE_DIR, m.name)
         if os.path.isdir(propagate) and not os.path.islink(propagate):
             try:
-                outside = _make_temp(propagate, is_dir)
-                nsexec.move_mount(tree, "", nsexec.AT_FDCWD, outside, nsexec.MOVE_MOUNT_F_EMPTY_PATH)
-                outside_mounted = True
+                staged = clone(src_fd)
+                try:
+                    outside = _make_temp(propagate, is_dir)
+                    nsexec.move_mount(staged, "", nsexec.AT_FDCWD, outside, nsexec.MOVE_MOUNT_F_EMPTY_PATH)
+                    outside_mounted = True
+                finally:
+                    os.close(staged)
             except OSError as e:
-                raise fail(e) from None
+                raise _oserror(e, message) from None
             request["source"] = os.path.join(INCOMING_DIR, os.path.basename(outside))
-        else:
-            request["tree"] = 0
         try:
-            _run_helper(request, fds)
+            reply = _run_helper(request, fds)
         except Errno as e:
-            raise Errno(e.errno, f"Failed to mount {src} on {dst} in machine's namespace: {e.message}") from None
+            raise Errno(e.errno, f"{message}: {e.message}") from None
+        log.debug("Mounted %s on %s in machine %s%s.", src, dst, m.name,
+                  " through nspawn's propagation directory" if reply.get("propagated") else "")
     finally:
+        if src_fd >= 0:
+            os.close(src_fd)
         for fd in fds:
             os.close(fd)
         if outside_mounted:
@@ -1207,7 +1241,7 @@ def bind_mount(m: Machine, src: str, dst: str, read_only: bool, mkdir: bool) -> 
                 nsexec.umount2(outside, nsexec.MNT_DETACH)
         if outside:
             with contextlib.suppress(OSError):
-                if os.path.isdir(outside) and not os.path.islink(outside):
+                if is_dir:
                     os.rmdir(outside)
                 else:
                     os.unlink(outside)

@@ -136,6 +136,28 @@ def umount2(target: str, flags: int) -> None:
     _check(_libc.umount2(os.fsencode(target), ctypes.c_int(flags)), "umount2", target)
 
 
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+_SYS_OPENAT2 = 437
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_IN_ROOT = 0x10
+
+
+def open_in_root(root_fd: int, path: str, flags: int, mode: int = 0) -> int:
+    """openat2(RESOLVE_IN_ROOT): PATH as if ROOT_FD were "/" (absolute
+    symlinks and ".." stay below it), no magic links; close-on-exec, and
+    without a controlling tty unless the open is O_PATH (which takes no
+    other flags)."""
+    flags |= os.O_CLOEXEC
+    if not flags & os.O_PATH:
+        flags |= os.O_NOCTTY
+    how = _OpenHow(flags, mode, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
+    return int(_check(_libc.syscall(_SYS_OPENAT2, ctypes.c_int(root_fd), os.fsencode(path), ctypes.byref(how),
+                                    ctypes.c_size_t(ctypes.sizeof(how))), "openat2", path))
+
+
 def pty_number(master: int) -> int:
     buf = fcntl.ioctl(master, TIOCGPTN, b"\0\0\0\0")
     return struct.unpack("I", buf)[0]
@@ -249,14 +271,23 @@ def _op_bind(req: dict, fds: list[int], sock: socket.socket) -> None:
                 os.close(os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOCTTY, 0o600))
         except OSError:
             pass
+    propagated = False
     try:
-        if "tree" in req:
+        if "source" in req:
+            # Moved out of /run/host/incoming/, where the host's mount showed
+            # up through propagation.  EINVAL: it did not (the host's /run
+            # is not a shared mount), so attach our own clone instead.
+            try:
+                mount(req["source"], dest, None, MS_MOVE)
+                propagated = True
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+        if not propagated:
             move_mount(fds[req["tree"]], "", AT_FDCWD, dest, MOVE_MOUNT_F_EMPTY_PATH)
-        else:
-            mount(req["source"], dest, None, MS_MOVE)
     except OSError as e:
         raise _Failure(e.errno or errno.EIO, os.strerror(e.errno or errno.EIO))
-    send_message(sock, {"ok": True})
+    send_message(sock, {"ok": True, "propagated": propagated})
 
 
 def _default_signals() -> None:

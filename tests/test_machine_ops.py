@@ -19,6 +19,7 @@ import errno
 import fcntl
 import ipaddress
 import json
+import logging
 import os
 import select
 import shutil
@@ -49,18 +50,21 @@ OS_RELEASE = 'ID=busyboxtest\nNAME="Busybox Test"\nVERSION_ID="1.0"\n'
 DEVPTS = "mount -t devpts -o newinstance,ptmxmode=0666,mode=620 devpts /dev/pts"
 
 # Starts a process in a new user namespace, waits for its ID maps (written
-# by the test) and becomes the namespace's root before exec'ing the rest of
-# its arguments: unshare(1) then runs with root's capabilities in there.
+# by the test), changes to the root directory given first (while still the
+# host's root, who may traverse tmp_path) and becomes the namespace's root
+# before exec'ing the rest of its arguments: unshare(1) then runs with
+# root's capabilities in there, and is given --root=. .
 USERNS_LAUNCHER = r"""
 import ctypes, os, sys
 libc = ctypes.CDLL(None, use_errno=True)
 if libc.unshare(0x10000000) != 0:
     raise OSError(ctypes.get_errno(), "unshare")
 os.read(0, 1)
+os.chdir(sys.argv[1])
 os.setgroups([])
 os.setresgid(0, 0, 0)
 os.setresuid(0, 0, 0)
-os.execvp(sys.argv[1], sys.argv[1:])
+os.execvp(sys.argv[2], sys.argv[2:])
 """
 
 # A stand-in for systemd's manager on a container's system bus.
@@ -91,7 +95,7 @@ asyncio.run(main())
 # --- building and running containers -------------------------------------------------------
 
 
-def make_root(path: Path, shift: int = 0) -> Path:
+def make_root(path: Path, shift: int = 0, gid_shift: int | None = None) -> Path:
     """A small OS tree: busybox, users root and alice (1000, also in group
     wheel), os-release in /usr/lib with /etc/os-release an absolute symlink
     to it, /dev/ptmx -> pts/ptmx and /dev/null."""
@@ -111,11 +115,13 @@ def make_root(path: Path, shift: int = 0) -> Path:
     os.mknod(path / "dev/null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
     os.chmod(path / "dev/null", 0o666)
     os.chown(path / "home/alice", 1000, 1000)
-    if shift:
+    gid_shift = shift if gid_shift is None else gid_shift
+    if shift or gid_shift:
         for dirpath, dirnames, filenames in os.walk(path):
-            for name in [dirpath, *(os.path.join(dirpath, n) for n in dirnames + filenames)]:
+            links = [n for n in dirnames if os.path.islink(os.path.join(dirpath, n))]
+            for name in [dirpath, *(os.path.join(dirpath, n) for n in filenames + links)]:
                 st = os.lstat(name)
-                os.chown(name, st.st_uid + shift, st.st_gid + shift, follow_symlinks=False)
+                os.chown(name, st.st_uid + shift, st.st_gid + gid_shift, follow_symlinks=False)
     return path
 
 
@@ -157,14 +163,14 @@ class Container:
                  netns: bool = True, pidns: bool = True) -> None:
         self.root = root
         self.name = name
-        argv = ["unshare", "--fork", "--mount", "--uts", "--ipc", "--root", str(root)]
+        argv = ["unshare", "--fork", "--mount", "--uts", "--ipc", "--root", "." if userns else str(root)]
         if netns:
             argv.append("--net")
         if pidns:
             argv += ["--pid", "--mount-proc"]
         argv += ["/bin/sh", "-c", f"{init}"]
         if userns:
-            argv = [sys.executable, "-c", USERNS_LAUNCHER, *argv]
+            argv = [sys.executable, "-c", USERNS_LAUNCHER, str(root), *argv]
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE if userns else subprocess.DEVNULL,
                                      start_new_session=True)
         try:
@@ -214,6 +220,15 @@ class Container:
         self.proc.wait(10)
 
 
+@pytest.fixture(autouse=True)
+def no_leftover_children():
+    """Whatever a test starts ends with it: helpers of machine_ops included
+    (reaped by a thread of machine_ops, hence the moment of patience)."""
+    before = set(children_of(os.getpid()))
+    yield
+    world.wait_for(lambda: not (set(children_of(os.getpid())) - before), 10, "no children left")
+
+
 @pytest.fixture
 def containers(tmp_path: Path):
     """A factory of containers, all stopped at the end; then no process the
@@ -222,15 +237,19 @@ def containers(tmp_path: Path):
     made: list[Container] = []
     count = 0
 
-    def make(init: str = "exec sleep 1000", *, comm: str = "sleep", shift: int = 0, uid_map: str | None = None,
-             netns: bool = True, pidns: bool = True, setup: str = DEVPTS, name: str | None = None) -> Container:
+    def make(init: str = "exec sleep 1000", *, comm: str = "sleep", shift: int = 0,
+             maps: tuple[str, str] | None = None, netns: bool = True, pidns: bool = True, setup: str = DEVPTS,
+             name: str | None = None) -> Container:
+        """A container; with SHIFT or MAPS (uid_map, gid_map text) in a user
+        namespace, its tree owned by who is root in there."""
         nonlocal count
         count += 1
-        root = make_root(tmp_path / f"root{count}", shift)
-        userns = None
-        if shift or uid_map:
-            text = uid_map or f"0 {shift} 65536\n"
-            userns = (text, text)
+        userns = maps or ((f"0 {shift} 65536\n",) * 2 if shift else None)
+        if userns:
+            uid_shift, gid_shift = (int(text.split()[1]) for text in userns)
+        else:
+            uid_shift = gid_shift = 0
+        root = make_root(tmp_path / f"root{count}", uid_shift, gid_shift)
         c = Container(root, name or f"c{count}", f"{setup} && hostname box{count} && touch /run/ready && {init}",
                       comm=comm, userns=userns, netns=netns, pidns=pidns)
         made.append(c)
@@ -260,9 +279,12 @@ def read_pty(fd: int, until: bytes | None = None, timeout: float = 10) -> bytes:
         try:
             chunk = os.read(fd, 4096)
         except OSError as e:
-            if e.errno == errno.EIO:
+            if e.errno != errno.EIO:
+                raise
+            if until is None:
                 break
-            raise
+            time.sleep(0.02)  # no slave open (yet)
+            continue
         if not chunk:
             break
         buf += chunk
@@ -371,9 +393,13 @@ def test_uid_shift(containers):
         ops.get_uid_shift(plain.machine(MachineClass.VM))
 
 
-@pytest.mark.parametrize("uid_map", ["0 100000 1000\n", "0 100000 1000\n1000 300000 64536\n", "1 100001 65535\n"])
-def test_uid_shift_complex(containers, uid_map):
-    c = containers(uid_map=uid_map)
+@pytest.mark.parametrize("maps", [
+    ("0 100000 1000\n",) * 2,  # nobody not mapped
+    ("0 100000 1000\n1000 300000 64536\n",) * 2,  # two ranges
+    ("0 100000 65536\n", "0 200000 65536\n"),  # groups shifted differently
+], ids=["short", "two-ranges", "uneven"])
+def test_uid_shift_complex(containers, maps):
+    c = containers(maps=maps)
     with pytest.raises(NotSupported) as e:
         ops.get_uid_shift(c.machine())
     assert e.value.message == f"Machine {c.name} uses a complex UID/GID mapping, cannot determine shift"
@@ -382,7 +408,7 @@ def test_uid_shift_complex(containers, uid_map):
 def test_map_users_and_groups(containers):
     plain = containers()
     shifted = containers(shift=SHIFT)
-    two = containers(uid_map="0 200000 1000\n1000 300000 1000\n")
+    two = containers(maps=("0 200000 1000\n1000 300000 1000\n",) * 2)
     m, p, t = shifted.machine(), plain.machine(), two.machine()
     assert ops.map_from_machine_user(m, 0) == SHIFT
     assert ops.map_from_machine_user(m, 1000) == SHIFT + 1000
@@ -409,8 +435,8 @@ def test_map_users_and_groups(containers):
         ops.map_to_machine_user(machines, 1000)
     with pytest.raises(NoSuchUserMapping, match=r"^No matching user mapping for 500000\.$"):
         ops.map_to_machine_user(machines, 500000)
-    with pytest.raises(NoSuchGroupMapping, match="^Group 65535 belongs to host GID range$"):
-        ops.map_to_machine_group(machines, 65535)
+    with pytest.raises(NoSuchGroupMapping, match="^Group 65000 belongs to host GID range$"):
+        ops.map_to_machine_group(machines, 65000)
     with pytest.raises(NoSuchGroupMapping, match=r"^No matching group mapping for 250000\.$"):
         ops.map_to_machine_group(machines, 250000)
     with pytest.raises(InvalidArgs, match="^Invalid group ID 4294967295$"):
@@ -434,7 +460,8 @@ def test_open_pty(containers, shift):
         os.close(peer)
         # In a user namespace the container's root owns it, so root in there can open it.
         assert inside.st_uid == shift
-        prog = nsenter(c, f'read line < {name}; echo "got:$line" > {name}')
+        prog = nsenter(c, f'exec 3<>{name}; echo ready >&3; read line <&3; echo "got:$line" >&3')
+        read_pty(master, b"ready")
         os.write(master, b"ping\n")
         assert "got:ping" in lines(read_pty(master, b"got:ping"))
         assert prog.wait(10) == 0
@@ -510,7 +537,7 @@ def test_open_shell_default_is_login_shell(containers):
         out = read_pty(master)
     finally:
         os.close(master)
-    assert "42 -sh /home/alice" in lines(out) or "42 sh /home/alice" in lines(out)
+    assert "42 /bin/sh /home/alice" in lines(out)  # exec'd as "$shell -l" by the default command
 
 
 def test_open_shell_on_host():
@@ -670,11 +697,19 @@ def test_copy_exists_and_replace(containers, tmp_path):
     ops.copy_from(m, "/tmp/d", str(tmp_path / "d"), True)
     assert (tmp_path / "d/one").read_text() == "1 old\n"
     assert (tmp_path / "d/other").read_text() == "untouched\n"
-    # A symlink in the way is replaced, not followed.
+    # A symlink in the way is replaced, not followed; symlinks on the way
+    # resolve inside the container's root.
+    host_passwd = Path("/etc/passwd").read_bytes()
     (c.root / "tmp/victim").symlink_to("/etc/passwd")
     ops.copy_to(m, str(tmp_path / "f"), "/tmp/victim", True)
     assert (c.root / "tmp/victim").read_text() == "new\n" and not (c.root / "tmp/victim").is_symlink()
-    assert "alice" in (c.root / "etc/passwd").read_text()
+    (c.root / "tmp/escape").symlink_to("/")
+    (c.root / "tmp/up").symlink_to("../../../../../../../..")
+    ops.copy_to(m, str(tmp_path / "f"), "/tmp/escape/etc/passwd", True)
+    ops.copy_to(m, str(tmp_path / "f"), "/tmp/up/etc/dropped", False)
+    assert (c.root / "etc/passwd").read_text() == "new\n"
+    assert (c.root / "etc/dropped").read_text() == "new\n"
+    assert Path("/etc/passwd").read_bytes() == host_passwd and not Path("/etc/dropped").exists()
 
 
 def test_copy_with_uid_shift(containers, tmp_path):
@@ -882,11 +917,17 @@ def test_terminate_escalates(containers):
 # --- systemd-nspawn -------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def nspawn(tmp_path: Path):
+@pytest.fixture(params=["shared-run", "private-run"])
+def nspawn(request: pytest.FixtureRequest, tmp_path: Path):
+    """A systemd-nspawn container running sleep as its PID 1.  nspawn's
+    propagation directory reaches the container only if the host's
+    /run/systemd is a shared mount (as under systemd); the suite's private
+    namespace has it private, "shared-run" makes it shared for the test."""
     if not shutil.which("systemd-nspawn"):
         pytest.skip("systemd-nspawn is not installed")
+    shared = request.param == "shared-run"
     before = set(children_of(os.getpid()))
+    subprocess.run(["mount", "--make-shared" if shared else "--make-private", "/run/systemd"], check=True)
     root = make_root(tmp_path / "nspawn-root")
     name = f"mo-{os.getpid()}"
     log = open(tmp_path / "nspawn.log", "wb")
@@ -912,7 +953,7 @@ def nspawn(tmp_path: Path):
         if proc.poll() is not None:
             pytest.skip(f"systemd-nspawn does not run here: {(tmp_path / 'nspawn.log').read_text()}")
         m = Machine(name, MachineClass.CONTAINER, leader())
-        yield m, root
+        yield m, shared
     finally:
         pidns = None
         with contextlib.suppress(Exception):
@@ -923,13 +964,14 @@ def nspawn(tmp_path: Path):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        subprocess.run(["mount", "--make-private", "/run/systemd"], check=True)
         if pidns:
             assert not pidns_members(pidns)
         world.wait_for(lambda: not (set(children_of(os.getpid())) - before), 10, "no children left")
 
 
-def test_nspawn_container(nspawn, tmp_path):
-    m, root = nspawn
+def test_nspawn_container(nspawn, tmp_path, caplog):
+    m, shared = nspawn
     assert ops.get_os_release(m)["ID"] == "busyboxtest"
     assert ops.get_uid_shift(m) == 0
     with pytest.raises(NoPrivateNetworking):
@@ -939,7 +981,10 @@ def test_nspawn_container(nspawn, tmp_path):
     src = tmp_path / "share"
     src.mkdir()
     (src / "file").write_text("via propagation\n")
-    ops.bind_mount(m, str(src), "/srv/share", True, True)
+    with caplog.at_level(logging.DEBUG, logger="machined.machine_ops"):
+        ops.bind_mount(m, str(src), "/srv/share", True, True)
+    # Moved in from /run/host/incoming/ if the mount propagated there, else attached directly.
+    assert ("through nspawn's propagation directory" in caplog.text) == shared
     assert Path(f"/proc/{m.leader}/root/srv/share/file").read_text() == "via propagation\n"
     assert os.listdir(f"{ops.PROPAGATE_DIR}/{m.name}") == []  # the staging mount is gone
     master, name = ops.open_shell(m, "", "/bin/sh", ["sh", "-c", "cat /srv/share/file; echo x > /srv/share/y; tty"],

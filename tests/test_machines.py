@@ -201,3 +201,87 @@ def test_create_machine_and_signals(pool: Pool, machined_only: Daemons) -> None:
         monitor.terminate()
         out = monitor.communicate(timeout=10)[0]
     assert "MachineNew" in out and "MachineRemoved" in out
+
+
+def leader_of(name: str) -> int:
+    return int(show(name, "Leader"))
+
+
+@pytest.mark.parametrize("pool", ["plain"], indirect=True)
+def test_status_shell_copy_kill(pool: Pool, container: Nspawn, tmp_path: Path) -> None:
+    r = machinectl("status", "c1")
+    assert r.returncode == 0, r.stderr
+    assert "OS: BusyBox" in r.stdout and "Leader:" in r.stdout
+    assert show("c1", "RootDirectory").endswith("/root")
+    # A shell in the container, through a pty of the container.
+    r = subprocess.run(["script", "-qec", "machinectl shell c1 /bin/sh -c 'echo hello-from-$(hostname)'",
+                        "/dev/null"], capture_output=True, text=True, timeout=60)
+    assert "hello-from-c1" in r.stdout, r.stdout + r.stderr
+    # copy-to and copy-from.
+    src = tmp_path / "payload.txt"
+    src.write_text("payload\n")
+    r = machinectl("copy-to", "c1", str(src), "/tmp/payload.txt")
+    assert r.returncode == 0, r.stderr
+    leader = leader_of("c1")
+    assert Path(f"/proc/{leader}/root/tmp/payload.txt").read_text() == "payload\n"
+    r = machinectl("copy-to", "c1", str(src), "/tmp/payload.txt")
+    assert r.returncode != 0
+    assert machinectl("copy-to", "--force", "c1", str(src), "/tmp/payload.txt").returncode == 0
+    back = tmp_path / "back.txt"
+    r = machinectl("copy-from", "c1", "/etc/os-release", str(back))
+    assert r.returncode == 0, r.stderr
+    assert "BusyBox" in back.read_text()
+    # kill: the leader gets the signal, the machine goes away with it.
+    r = machinectl("kill", "--signal=KILL", "c1")
+    assert r.returncode == 0, r.stderr
+    world.wait_for(lambda: machinectl("show", "c1").returncode != 0, 15, "c1 to go away")
+
+
+@pytest.mark.parametrize("pool", ["plain"], indirect=True)
+def test_terminate(pool: Pool, container: Nspawn) -> None:
+    r = machinectl("terminate", "c1")
+    assert r.returncode == 0, r.stderr
+    world.wait_for(lambda: machinectl("show", "c1").returncode != 0, 20, "c1 to go away")
+    container.proc.wait(timeout=20)
+
+
+@pytest.mark.parametrize("pool", ["plain"], indirect=True)
+def test_private_network_addresses_and_nss(pool: Pool, machined_only: Daemons, tmp_path: Path) -> None:
+    root = make_root(tmp_path / "root")
+    c = Nspawn(root, "net1", "--private-network")
+    try:
+        c.wait_registered()
+        leader = leader_of("net1")
+        # An address inside the container's own network namespace (no traffic leaves it).
+        # (a veth pair inside it: this kernel has no dummy links).
+        for cmd in (["ip", "link", "add", "v0", "type", "veth", "peer", "name", "v1"],
+                    ["ip", "addr", "add", "10.251.7.2/24", "dev", "v0"], ["ip", "link", "set", "v0", "up"]):
+            subprocess.run(["nsenter", "-t", str(leader), "-n", *cmd], check=True)
+        r = machinectl("status", "net1")
+        assert "10.251.7.2" in r.stdout, r.stdout + r.stderr
+        assert "10.251.7.2" in machinectl("list").stdout
+        r = subprocess.run(["getent", "-s", "hosts:mymachines", "hosts", "net1"], capture_output=True, text=True)
+        assert r.returncode == 0 and "10.251.7.2" in r.stdout, r.stdout + r.stderr
+        # The host's own network namespace: no private networking.
+    finally:
+        c.stop()
+
+
+@pytest.mark.parametrize("pool", ["plain"], indirect=True)
+def test_private_users_and_userdb(pool: Pool, machined_only: Daemons, tmp_path: Path) -> None:
+    root = make_root(tmp_path / "root")
+    c = Nspawn(root, "pu1", "--private-users=pick", "--private-users-ownership=chown")
+    try:
+        c.wait_registered()
+        r = busctl("call", *MANAGER, "GetMachineUIDShift", "s", "pu1")
+        shift = int(r.stdout.split()[1])
+        assert shift >= 0x10000
+        r = subprocess.run(["userdbctl", "--no-pager", "user", "vu-pu1-0"], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        assert str(shift) in r.stdout
+        r = subprocess.run(["userdbctl", "--no-pager", "user", str(shift + 1000)], capture_output=True, text=True)
+        assert r.returncode == 0 and "vu-pu1-1000" in r.stdout
+        r = busctl("call", *MANAGER, "MapToMachineUser", "u", str(shift + 5))
+        assert r.stdout.split()[1:] == ['"pu1"', '"/org/freedesktop/machine1/machine/pu1"', "5"]
+    finally:
+        c.stop()

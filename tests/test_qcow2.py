@@ -271,6 +271,15 @@ def test_cancel_before_start(images: dict[str, Path], tmp_path: Path) -> None:
     assert os.path.getsize(out) == 0
 
 
+def test_empty_disk(tmp_path: Path) -> None:
+    image = tmp_path / "empty.qcow2"
+    _run("qemu-img", "create", "-f", "qcow2", str(image), "0")
+    calls: list[tuple[int, int]] = []
+    assert _convert(image, tmp_path / "out.raw", progress=lambda *a: calls.append(a)) == 0
+    assert os.path.getsize(tmp_path / "out.raw") == 0
+    assert calls in ([], [(0, 0)])
+
+
 # -- refusals of real images ---------------------------------------------------
 
 
@@ -486,8 +495,8 @@ def _hostile() -> dict[str, tuple[bytes, str, dict]]:
         "truncated-compression-type": (good[:104], "header truncated", {}),
         "version-1": (_simple(_table(), version=1), "version 1 not supported", {}),
         "version-4": (_simple(_table(), version=4), "version 4 not supported", {}),
-        "cluster-bits-8": (_header(cluster_bits=8).ljust(CS, b"\0"), "cluster size", {}),
-        "cluster-bits-22": (_header(cluster_bits=22).ljust(CS, b"\0"), "cluster size", {}),
+        "cluster-bits-8": (_header(cluster_bits=8).ljust(CS, b"\0"), "cluster_bits 8 not supported", {}),
+        "cluster-bits-22": (_header(cluster_bits=22).ljust(CS, b"\0"), "cluster_bits 22 not supported", {}),
         "header-length-short": (_simple(_table(), header_length=72), "header length", {}),
         "backing-file": (_simple(_table(), backing=CS - 16), "backing file, refusing", {}),
         "aes": (_simple(_table(), crypt=1), "encrypted, refusing", {}),
@@ -580,16 +589,16 @@ def test_hostile_image(name: str, tmp_path: Path) -> None:
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert elapsed < 5
+    assert elapsed < 10
     assert peak < 64 * MiB
     size = struct.unpack_from(">Q", image, 24)[0] if len(image) >= 32 else 0
     assert os.path.getsize(out) <= min(size, kwargs.get("max_size", 64 << 30))
 
 
 def test_zlib_bomb_stops_at_one_cluster(tmp_path: Path) -> None:
-    """A deflate stream of 64 MiB in one compressed cluster: like qemu, the
+    """A deflate stream of 32 MiB in one compressed cluster: like qemu, the
     first cluster's worth is used and the rest never decompressed."""
-    bomb = _zlib_bomb(0x41, 64 * MiB)
+    bomb = _zlib_bomb(0x41, 32 * MiB)
     image = _simple(_table(_compressed_entry(3 * CS, len(bomb))), bomb, size=2 * CS)
     tracemalloc.start()
     t0 = time.monotonic()
@@ -598,8 +607,8 @@ def test_zlib_bomb_stops_at_one_cluster(tmp_path: Path) -> None:
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert time.monotonic() - t0 < 2
-    assert peak < 32 * MiB
+    assert time.monotonic() - t0 < 10
+    assert peak < 16 * MiB  # not 32 MiB of output
     assert size == 2 * CS
     assert out.read_bytes() == b"A" * CS + bytes(CS)
 
@@ -610,9 +619,31 @@ def test_huge_l1_size_is_capped(tmp_path: Path) -> None:
     image = _simple(_table(3 * CS), data, size=CS, l1_size=0xFFFFFFFF)
     t0 = time.monotonic()
     out, size = _convert_bytes(tmp_path, image)
-    assert time.monotonic() - t0 < 2
+    assert time.monotonic() - t0 < 10
     assert size == CS
     assert out.read_bytes() == data
+
+
+def test_dirty_image_is_fine(tmp_path: Path) -> None:
+    """The dirty bit only says the refcounts may be off, which we never read."""
+    data = _random(CS)
+    out, _ = _convert_bytes(tmp_path, _simple(_table(3 * CS), data, size=CS, incompat=1))
+    assert out.read_bytes() == data
+
+
+def test_write_error_propagates(images: dict[str, Path], tmp_path: Path) -> None:
+    """An error in a worker (here EBADF from pwrite) reaches the caller."""
+    out = tmp_path / "out.raw"
+    out.touch()
+    s = os.open(images["zlib"], os.O_RDONLY)
+    d = os.open(out, os.O_RDONLY)
+    try:
+        with pytest.raises(OSError) as e:
+            qcow2.convert_to_raw(s, d)
+        assert e.value.errno == errno.EBADF
+    finally:
+        os.close(s)
+        os.close(d)
 
 
 def test_l2_table_pointing_at_itself(tmp_path: Path) -> None:
@@ -643,3 +674,79 @@ def test_entries_pointing_at_the_header(tmp_path: Path) -> None:
     with open(out, "rb") as f:
         assert f.read(2 * CS) == bytes(CS) + l1
     assert _allocated(out) <= CS + MiB
+
+
+@pytest.fixture(scope="module")
+def small_images(tmp_path_factory: pytest.TempPathFactory) -> list[bytes]:
+    """Small real images (1 MiB disks) to mutate."""
+    d = tmp_path_factory.mktemp("qcow2-small")
+    rng = random.Random(5)
+    raw = d / "small.raw"
+    raw.write_bytes((rng.randbytes(300 * KiB) + _compressible(rng, 400 * KiB)).ljust(MiB, b"\0"))
+    images = []
+    for i, options in enumerate(
+        [
+            ["-o", "cluster_size=4k"],
+            ["-c", "-o", "cluster_size=4k"],
+            ["-c", "-o", "cluster_size=4k,compression_type=zstd"],
+            ["-o", "compat=0.10,cluster_size=512"],
+        ]
+    ):
+        path = d / f"small{i}.qcow2"
+        _run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", *options, str(raw), str(path))
+        images.append(path.read_bytes())
+    return images
+
+
+def test_mutated_images(small_images: list[bytes], tmp_path: Path) -> None:
+    """Real images with random damage to header fields, L1 and L2 entries
+    and data: each converts or gives Qcow2Error, quickly, and the output
+    never grows beyond the limit."""
+    rng = random.Random(0x51F)
+    fields = [(4, 4), (8, 8), (20, 4), (24, 8), (32, 4), (36, 4), (40, 8), (72, 8), (100, 4), (104, 1)]
+    extremes = [0, 1, 512, 4096, 1 << 32, 1 << 56, 1 << 62, 1 << 63, (1 << 64) - 1]
+    src, out = tmp_path / "mutated.qcow2", tmp_path / "mutated.raw"
+    limit = 16 * MiB
+    outcomes = {"ok": 0, "refused": 0}
+    for _ in range(400):
+        data = bytearray(rng.choice(small_images))
+        cs = 1 << struct.unpack_from(">I", data, 20)[0]
+        l1_offset = struct.unpack_from(">Q", data, 40)[0]
+        l2_offset = struct.unpack_from(">Q", data, l1_offset)[0] & _OFFSET_MASK
+        for _ in range(rng.randint(1, 4)):
+            kind = rng.randrange(4)
+            if kind == 0:
+                offset, length = rng.choice(fields)
+                value = rng.choice([*extremes, rng.getrandbits(64)]) % (1 << (8 * length))
+                data[offset : offset + length] = value.to_bytes(length, "big")
+            elif kind in (1, 2):
+                table = l1_offset if kind == 1 else l2_offset
+                position = table + 8 * rng.randrange(8 if kind == 1 else cs // 8)
+                value = rng.choice(
+                    [
+                        rng.getrandbits(64),
+                        _COMPRESSED | rng.getrandbits(62),
+                        rng.randrange(len(data) + 4 * cs) | rng.choice([0, _ZERO, 1 << 63]),
+                        l1_offset,
+                        l2_offset,
+                        0,
+                    ]
+                )
+                data[position : position + 8] = value.to_bytes(8, "big")
+            else:
+                position = rng.randrange(len(data))
+                data[position : position + 64] = rng.randbytes(64)
+        if rng.random() < 0.1:
+            del data[rng.randrange(len(data)) :]
+        src.write_bytes(data)
+        t0 = time.monotonic()
+        try:
+            size = _convert(src, out, max_size=limit)
+        except Qcow2Error:
+            outcomes["refused"] += 1
+        else:
+            outcomes["ok"] += 1
+            assert os.path.getsize(out) == size
+        assert time.monotonic() - t0 < 5
+        assert os.path.getsize(out) <= limit
+    assert outcomes["ok"] > 20 and outcomes["refused"] > 100, outcomes
