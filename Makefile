@@ -9,7 +9,7 @@ PYTHON ?= python3
 APT_PACKAGES := python3 python3-venv python3-pip dbus-daemon systemd-container btrfs-progs \
 	libbtrfsutil-dev systemd-userdbd libnss-mymachines qemu-utils gnupg xz-utils zstd \
 	busybox-static attr acl e2fsprogs fdisk util-linux coreutils tar mount gcc pkg-config \
-	bzip2 strace curl
+	bzip2 strace curl iproute2 procps bsdutils
 
 .PHONY: deps apt venv run test bench clean
 

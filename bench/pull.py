@@ -1239,6 +1239,16 @@ def host_load() -> dict:
     return out
 
 
+def code_state() -> dict:
+    """The commit and the uncommitted changes of the code under test (others may be editing it)."""
+    def git(*a: str) -> str:
+        r = subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True)
+        return r.stdout.strip() if r.returncode == 0 else ""
+    return {"head": git("rev-parse", "--short", "HEAD"),
+            "modified": [line[3:] for line in git("status", "--short", "--", "importd", "imagepool", "machined")
+                         .splitlines()]}
+
+
 def clean_env(bus_address: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
     env.update(DBUS_SYSTEM_BUS_ADDRESS=bus_address, PYTHONPATH=str(REPO), NO_PROXY="127.0.0.1,localhost",
@@ -1288,6 +1298,7 @@ def main() -> int:
 
     started = time.monotonic()
     load_start = host_load()
+    code = code_state()
     cleanups = Cleanups()
     problems: list[str] = []
     notes: list[str] = []
@@ -1438,7 +1449,8 @@ def main() -> int:
           f"{os.cpu_count()} CPUs, {elapsed:.0f} s"
           f"{f' ({bench_elapsed:.0f} s measuring)' if bench_elapsed else ''}"
           f"{' - INTERRUPTED, partial results' if interrupted else ''}{' - FAILED, partial results' if failed else ''}")
-    print(f"load average at start {load_start['loadavg']}, at end {load_end['loadavg']}")
+    print(f"load average at start {load_start['loadavg']}, at end {load_end['loadavg']}; code under test: "
+          f"{code['head']}{' + uncommitted changes in ' + str(len(code['modified'])) + ' file(s)' if code['modified'] else ''}")
     print("times: wall time of the whole `machinectl pull-raw|pull-tar --verify=no URL NAME` (median; nginx on "
           "127.0.0.1, input in the page cache, pool emptied incl. the download cache between runs); MB/s: output "
           "(raw: the 2 GiB virtual disk; tar: the tar stream) per second; CPU s: daemon + children; RSS: VmHWM of "
@@ -1491,6 +1503,7 @@ def main() -> int:
         "host": {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
                  "load_start": load_start, "load_end": load_end},
         "reference": REFERENCE if have_ref else None,
+        "code": code,
         "server": nginx_bin,
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
         "inputs": {k: v for k, v in manifest.items() if k in ("files", "raw", "tar", "xz", "cache", "commands")},

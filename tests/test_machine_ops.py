@@ -163,16 +163,18 @@ class Container:
                  netns: bool = True, pidns: bool = True) -> None:
         self.root = root
         self.name = name
+        self.log = root.with_suffix(".log")
         argv = ["unshare", "--fork", "--mount", "--uts", "--ipc", "--root", "." if userns else str(root)]
         if netns:
             argv.append("--net")
         if pidns:
             argv += ["--pid", "--mount-proc"]
-        argv += ["/bin/sh", "-c", f"{init}"]
+        argv += ["/bin/sh", "-c", init]
         if userns:
             argv = [sys.executable, "-c", USERNS_LAUNCHER, str(root), *argv]
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE if userns else subprocess.DEVNULL,
-                                     start_new_session=True)
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE if userns else subprocess.DEVNULL,
+                                         stdout=log, stderr=log, start_new_session=True)
         try:
             if userns:
                 mine = os.readlink("/proc/self/ns/user")
@@ -181,7 +183,10 @@ class Container:
                 Path(f"/proc/{self.proc.pid}/gid_map").write_text(userns[1])
                 self.proc.stdin.write(b"\n")
                 self.proc.stdin.close()
-            world.wait_for(lambda: (root / "run/ready").exists(), 10, "the container")
+            try:
+                world.wait_for(lambda: (root / "run/ready").exists(), 10, "the container")
+            except TimeoutError:
+                raise TimeoutError(f"container {name} did not start: {self.log.read_text()}") from None
             world.wait_for(lambda: len(children_of(self.proc.pid)) == 1, 10, "the container's init")
             self.leader = children_of(self.proc.pid)[0]
             world.wait_for(lambda: Path(f"/proc/{self.leader}/comm").read_text().strip() == comm, 10, comm)
@@ -231,9 +236,8 @@ def no_leftover_children():
 
 @pytest.fixture
 def containers(tmp_path: Path):
-    """A factory of containers, all stopped at the end; then no process the
-    test started may be left over."""
-    before = set(children_of(os.getpid()))
+    """A factory of containers, all stopped at the end; then nothing may be
+    left alive in their PID namespaces or process groups."""
     made: list[Container] = []
     count = 0
 
@@ -258,8 +262,6 @@ def containers(tmp_path: Path):
     yield make
     for c in made:
         c.stop()
-    # Helpers of open_shell are reaped by a thread of machine_ops: give it a moment.
-    world.wait_for(lambda: not (set(children_of(os.getpid())) - before), 10, "no children left")
     for c in made:
         assert c.processes() == [], f"left over in {c.name}"
 
@@ -927,6 +929,7 @@ def nspawn(request: pytest.FixtureRequest, tmp_path: Path):
         pytest.skip("systemd-nspawn is not installed")
     shared = request.param == "shared-run"
     before = set(children_of(os.getpid()))
+    had_state = os.path.exists("/run/systemd/nspawn")
     subprocess.run(["mount", "--make-shared" if shared else "--make-private", "/run/systemd"], check=True)
     root = make_root(tmp_path / "nspawn-root")
     name = f"mo-{os.getpid()}"
@@ -965,6 +968,8 @@ def nspawn(request: pytest.FixtureRequest, tmp_path: Path):
             proc.kill()
             proc.wait()
         subprocess.run(["mount", "--make-private", "/run/systemd"], check=True)
+        if not had_state:  # nspawn's locks and propagation directories
+            shutil.rmtree("/run/systemd/nspawn", ignore_errors=True)
         if pidns:
             assert not pidns_members(pidns)
         world.wait_for(lambda: not (set(children_of(os.getpid())) - before), 10, "no children left")
@@ -995,6 +1000,9 @@ def test_nspawn_container(nspawn, tmp_path, caplog):
         os.close(master)
     assert out[0] == "via propagation" and out[-1] == name and "Read-only" in " ".join(out)
     ops.copy_to(m, str(src / "file"), "/tmp/copied", False)
+    inside = subprocess.run(["nsenter", "-t", str(m.leader), "-m", "-r", "/bin/cat", "/tmp/copied"],
+                            capture_output=True, text=True, check=True)
+    assert inside.stdout == "via propagation\n"  # where the container sees it, whatever is mounted on /tmp
     ops.copy_from(m, "/tmp/copied", str(tmp_path / "back"), False)
     assert (tmp_path / "back").read_text() == "via propagation\n"
     ops.terminate(m, timeout=1)
