@@ -1173,6 +1173,7 @@ def make_row(key: str, results: list[dict], manifest: dict, verify_mode: str = "
         "ours_mbps": out / MB / so["median"] if so.get("median") else None,
         "reference_mbps": out / MB / sr["median"] if sr.get("median") else None,
         "ours_cpu_s": cpu(ours), "reference_cpu_s": cpu(ref),
+        "cpu_ratio": cpu(ours) / cpu(ref) if cpu(ours) and cpu(ref) else None,
         "ours_daemon_hwm_mb": max((x["daemon_hwm_mb"] for x in ours), default=None),
         "ours_children_hwm_mb": _merge_max([x["children_hwm_mb"] for x in ours]),
         "reference_daemon_hwm_mb": max((x["daemon_hwm_mb"] for x in ref), default=None),
@@ -1203,7 +1204,7 @@ def fmt(v, spec: str = ".2f", unit: str = "") -> str:
 
 def print_table(rows: list[dict], out=sys.stdout) -> None:
     head = ("input", "verify", "ours s", "ref s", "ratio", "ours MB/s", "ref MB/s", "ratio+sync", "ours CPU s",
-            "ref CPU s", "ours RSS MB", "ours children MB", "ref children MB", "hangs o/r", "n o/r", "load",
+            "ref CPU s", "CPU ratio", "ours RSS MB", "ours children MB", "ref children MB", "hangs o/r", "n o/r", "load",
             "target", "result")
     lines = []
     for r in rows:
@@ -1212,7 +1213,7 @@ def print_table(rows: list[dict], out=sys.stdout) -> None:
             r["input"], r["verify"], fmt(r["ours"].get("median")), fmt(r["reference"].get("median")),
             fmt(r["ratio"], ".2f", "x"), fmt(r["ours_mbps"], ".0f"), fmt(r["reference_mbps"], ".0f"),
             fmt(r["ratio_with_sync"], ".2f", "x"), fmt(r["ours_cpu_s"], ".1f"), fmt(r["reference_cpu_s"], ".1f"),
-            fmt(r["ours_daemon_hwm_mb"], ".0f"),
+            fmt(r["cpu_ratio"], ".2f", "x"), fmt(r["ours_daemon_hwm_mb"], ".0f"),
             ",".join(f"{k}:{v:.0f}" for k, v in sorted(r["ours_children_hwm_mb"].items())) or "-",
             ",".join(f"{k}:{v:.0f}" for k, v in sorted(r["reference_children_hwm_mb"].items())) or "-",
             f"{r['hangs']['ours']}/{r['hangs']['reference']}",
@@ -1222,7 +1223,7 @@ def print_table(rows: list[dict], out=sys.stdout) -> None:
             ("info" if r["pass"] is None else "PASS" if r["pass"] else "FAIL") + (" (profiled)" if r["profiled"] else ""),
         ))
     widths = [max(len(str(x[i])) for x in [head, *lines]) for i in range(len(head))]
-    fmt_line = "  ".join(f"{{:{'<' if i < 2 or i in (11, 12, 16, 17) else '>'}{w}}}" for i, w in enumerate(widths))
+    fmt_line = "  ".join(f"{{:{'<' if i < 2 or i in (12, 13, 17, 18) else '>'}{w}}}" for i, w in enumerate(widths))
     print(fmt_line.format(*head), file=out)
     print("  ".join("-" * w for w in widths), file=out)
     for line in lines:
@@ -1455,7 +1456,8 @@ def main() -> int:
           "127.0.0.1, input in the page cache, pool emptied incl. the download cache between runs); MB/s: output "
           "(raw: the 2 GiB virtual disk; tar: the tar stream) per second; CPU s: daemon + children; RSS: VmHWM of "
           "our importd (restarted per pull); children: peak VmHWM per command name; ratio+sync: with a syncfs() of "
-          "the pool right after machinectl returned added to both; load: 1-min load average at the runs' starts")
+          "the pool right after machinectl returned added to both; CPU ratio: ours/reference CPU seconds (less "
+          "sensitive to other load than wall time); load: 1-min load average at the runs' starts")
     print_table(rows)
     if verify_rows:
         print()

@@ -118,7 +118,7 @@ class Machine:
     def state_file_text(self) -> str:
         lines = ["# This is private data. Do not parse.", f"NAME={self.name}"]
         if self.unit:
-            lines.append(f"SCOPE={self.unit}")
+            lines.append(f"SCOPE={_quote(self.unit)}")
         if self.service:
             lines.append(f"SERVICE={_quote(self.service)}")
         if self.root_directory:

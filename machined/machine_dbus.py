@@ -197,7 +197,7 @@ async def kill(manager: MachineManager, m: Machine, whom: str, signo: int) -> No
         raise InvalidArgs(f"Invalid kill parameter '{whom}'")
     if signo <= 0 or signo >= signal.NSIG:
         raise InvalidArgs(f"Invalid signal {signo}")
-    await asyncio.to_thread(_ops().kill, m, whom, signo)
+    await manager.kill(m, whom, signo)
 
 
 async def get_addresses(manager: MachineManager, m: Machine) -> list[tuple[int, bytes]]:

@@ -10,16 +10,20 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from imagepool.errors import Errno, InvalidArgs, LimitsExceeded
+from machined import systemd1
 from machined.machine import (
     Machine,
     MachineClass,
+    MachineExists,
     MachineRegistry,
     MachineState,
     NoMachineForPID,
+    NoSuchMachine,
     check_machine_id,
     check_machine_name,
     make_machine_cgroup,
     parse_class,
+    process_alive,
     process_unit,
     unit_name_escape,
 )
@@ -31,9 +35,33 @@ OPERATIONS_MAX = 64
 T = TypeVar("T")
 
 
+def scope_unit_name(name: str) -> str:
+    return f"machine-{unit_name_escape(name)}.scope"
+
+
+def scope_properties(machine: Machine) -> list[tuple[str, tuple[str, Any]]]:
+    """What systemd-machined asks for in a machine's transient scope
+    (machined-core.c: manager_start_scope), before the caller's properties."""
+    kind = "Virtual Machine" if machine.machine_class == MachineClass.VM else "Container"
+    return [
+        ("Slice", ("s", "machine.slice")),
+        ("Description", ("s", f"{kind} {machine.name}")),
+        ("PIDs", ("au", [machine.leader])),
+        ("Delegate", ("b", True)),
+        ("CollectMode", ("s", "inactive-or-failed")),
+        ("AddRef", ("b", True)),
+        ("TasksMax", ("t", 16384)),
+    ]
+
+
 class MachineManager:
-    def __init__(self, registry: MachineRegistry | None = None) -> None:
+    def __init__(self, registry: MachineRegistry | None = None, systemd: systemd1.Systemd | None = None) -> None:
         self.registry = registry or MachineRegistry()
+        self.systemd = systemd or systemd1.Systemd()
+        # Machines whose scope systemd made for us: stopped and killed through systemd.
+        self.scoped: set[Machine] = set()
+        # Names (→ leaders) being created while systemd starts their scope.
+        self.pending: dict[str, int] = {}
         self.objects: dict[str, MachineObject] = {}
         self.operations = 0
         self.copies = 0
@@ -47,6 +75,9 @@ class MachineManager:
         self.registry.load()
         for machine in self.registry:
             self._export(machine)
+            # A scope named like ours without a cgroup of our own: systemd made it.
+            if not machine.is_host and not machine.cgroup and machine.unit == scope_unit_name(machine.name):
+                self.scoped.add(machine)
 
     def close(self) -> None:
         self.registry.close()
@@ -62,6 +93,7 @@ class MachineManager:
             self.on_new(machine)
 
     def _removed(self, machine: Machine) -> None:
+        self.scoped.discard(machine)
         obj = self.objects.pop(machine.name, None)
         if obj and obj.handle:
             obj.handle.stop()
@@ -92,8 +124,8 @@ class MachineManager:
 
     # --- registration -------------------------------------------------------------
 
-    def register(self, name: str, machine_id: bytes, service: str, class_text: str, leader: int,
-                 root_directory: str, netif: list[int], *, create: bool, caller_pid: int) -> Machine:
+    def _new_machine(self, name: str, machine_id: bytes, service: str, class_text: str, leader: int,
+                     root_directory: str, netif: list[int], caller_pid: int) -> Machine:
         check_machine_name(name)
         check_machine_id(machine_id)
         machine_class = parse_class(class_text) or MachineClass.CONTAINER
@@ -106,20 +138,69 @@ class MachineManager:
         for ifindex in netif:
             if ifindex <= 0:
                 raise InvalidArgs(f"Invalid network interface index {ifindex}")
-        if name in self.registry.machines:
-            from machined.machine import MachineExists
-
+        if name in self.registry.machines or name in self.pending:
             raise MachineExists(f"Machine '{name}' already exists")
-        machine = Machine(name, machine_class, leader, id=machine_id, service=service,
-                          root_directory=root_directory, netif=list(netif))
+        return Machine(name, machine_class, leader, id=machine_id, service=service,
+                       root_directory=root_directory, netif=list(netif))
+
+    def register(self, name: str, machine_id: bytes, service: str, class_text: str, leader: int,
+                 root_directory: str, netif: list[int], *, create: bool, caller_pid: int) -> Machine:
+        machine = self._new_machine(name, machine_id, service, class_text, leader, root_directory, netif,
+                                    caller_pid)
         if create:
             # No systemd to make a scope: a cgroup of our own, if we may.
-            machine.cgroup = make_machine_cgroup(name, leader)
-            machine.unit = f"machine-{unit_name_escape(name)}.scope"
+            machine.cgroup = make_machine_cgroup(name, machine.leader)
+            machine.unit = scope_unit_name(name)
         else:
-            machine.unit = process_unit(leader)
+            machine.unit = process_unit(machine.leader)
         machine.state = MachineState.RUNNING
         self.registry.add(machine)
+        return machine
+
+    async def create(self, name: str, machine_id: bytes, service: str, class_text: str, leader: int,
+                     root_directory: str, netif: list[int], properties: list, *, caller_pid: int) -> Machine:
+        """CreateMachine*: with systemd on the bus, a transient scope from it
+        (the machine is `opening` until the start job is done, and only then
+        returned); without, a cgroup of our own."""
+        if not await self.systemd.has_owner():
+            return self.register(name, machine_id, service, class_text, leader, root_directory, netif,
+                                 create=True, caller_pid=caller_pid)
+        machine = self._new_machine(name, machine_id, service, class_text, leader, root_directory, netif,
+                                    caller_pid)
+        # What registry.add() would refuse, refused before systemd is asked for anything.
+        if machine.leader <= 1 or not process_alive(machine.leader):
+            raise InvalidArgs("Invalid leader PID")
+        for m in self.registry:
+            if not m.is_host and m.leader == machine.leader:
+                raise MachineExists(f"Leader PID {machine.leader} already belongs to machine '{m.name}'")
+        if machine.leader in self.pending.values():
+            raise MachineExists(f"Leader PID {machine.leader} already belongs to a machine being created")
+        machine.unit = scope_unit_name(name)
+        machine.state = MachineState.OPENING
+        self.pending[name] = machine.leader
+        try:
+            job = await self.systemd.start_transient_scope(machine.unit, scope_properties(machine) + list(properties))
+        finally:
+            del self.pending[name]
+        try:
+            self.registry.add(machine)
+        except BaseException:
+            job.forget()
+            raise
+        self.scoped.add(machine)
+        log.debug("Started %s for machine %s, job %s.", machine.unit, name, job.path)
+        try:
+            result = await job.wait()
+        except Exception:  # a timeout; not a cancellation (shutdown), the machine may well run
+            self.registry.remove(machine)
+            raise
+        if result != "done":
+            self.registry.remove(machine)
+            raise systemd1.JobFailed(f"Start job for unit {machine.unit} failed with '{result}'")
+        if self.registry.machines.get(name) is not machine:
+            raise NoSuchMachine(name)
+        if machine.state == MachineState.OPENING:
+            machine.state = MachineState.RUNNING
         return machine
 
     def unregister(self, machine: Machine) -> None:
@@ -132,5 +213,20 @@ class MachineManager:
             raise Errno(errno.EPERM)
         from machined import machine_ops
 
+        if machine in self.scoped and await self.systemd.has_owner():
+            job = await self.systemd.stop_unit(machine.unit, "fail")
+            log.debug("Stopping %s of machine %s, job %s.", machine.unit, machine.name, job)
+            machine.state = MachineState.CLOSING
+            return
         machine.state = MachineState.CLOSING
         await asyncio.to_thread(machine_ops.terminate, machine)
+
+    async def kill(self, machine: Machine, whom: str, signo: int) -> None:
+        """KillMachine: whom=all of a machine in a scope of systemd's is
+        systemd's business (KillUnit); the rest we signal ourselves."""
+        from machined import machine_ops
+
+        if whom in ("", "all") and machine in self.scoped and await self.systemd.has_owner():
+            await self.systemd.kill_unit(machine.unit, "all", signo)
+            return
+        await asyncio.to_thread(machine_ops.kill, machine, whom, signo)

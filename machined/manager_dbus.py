@@ -62,11 +62,16 @@ class ManagerObject(DbusInterfaceCommonAsync, interface_name="org.freedesktop.ma
         return self.machines.by_pid(pid).object_path
 
     async def _register(self, name: str, machine_id: bytes, service: str, class_text: str, leader: int,
-                        root_directory: str, netif: list[int], create: bool) -> str:
+                        root_directory: str, netif: list[int], create: bool,
+                        scope_properties: list | None = None) -> str:
         await require_root()
         pid = await caller_pid()
-        machine = self.machines.register(name, bytes(machine_id), service, class_text, leader, root_directory,
-                                         netif, create=create, caller_pid=pid)
+        if create:
+            machine = await self.machines.create(name, bytes(machine_id), service, class_text, leader,
+                                                 root_directory, netif, scope_properties or [], caller_pid=pid)
+        else:
+            machine = self.machines.register(name, bytes(machine_id), service, class_text, leader, root_directory,
+                                             netif, create=False, caller_pid=pid)
         return machine.object_path
 
     @dbus_method_async("sayssusa(sv)", "o", flags=UNPRIVILEGED, method_name="CreateMachine",
@@ -75,7 +80,8 @@ class ManagerObject(DbusInterfaceCommonAsync, interface_name="org.freedesktop.ma
     @translated
     async def create_machine(self, name: str, machine_id: bytes, service: str, class_text: str, leader: int,
                              root_directory: str, scope_properties: list) -> str:
-        return await self._register(name, machine_id, service, class_text, leader, root_directory, [], True)
+        return await self._register(name, machine_id, service, class_text, leader, root_directory, [], True,
+                                    scope_properties)
 
     @dbus_method_async("sayssusaia(sv)", "o", flags=UNPRIVILEGED, method_name="CreateMachineWithNetwork",
                        input_args_names=["name", "id", "service", "class", "leader", "root_directory",
@@ -84,7 +90,8 @@ class ManagerObject(DbusInterfaceCommonAsync, interface_name="org.freedesktop.ma
     async def create_machine_with_network(self, name: str, machine_id: bytes, service: str, class_text: str,
                                           leader: int, root_directory: str, ifindices: list[int],
                                           scope_properties: list) -> str:
-        return await self._register(name, machine_id, service, class_text, leader, root_directory, ifindices, True)
+        return await self._register(name, machine_id, service, class_text, leader, root_directory, ifindices, True,
+                                    scope_properties)
 
     @dbus_method_async("sayssus", "o", flags=UNPRIVILEGED, method_name="RegisterMachine",
                        input_args_names=["name", "id", "service", "class", "leader", "root_directory"],
@@ -103,17 +110,19 @@ class ManagerObject(DbusInterfaceCommonAsync, interface_name="org.freedesktop.ma
         return await self._register(name, machine_id, service, class_text, leader, root_directory, ifindices,
                                     False)
 
-    async def _register_ex(self, name: str, properties: list, create: bool) -> str:
+    async def _register_ex(self, name: str, properties: list, create: bool,
+                           scope_properties: list | None = None) -> str:
         values = _ex_properties(properties)
         return await self._register(name, values.get("Id", b""), values.get("Service", ""),
                                     values.get("Class", ""), values.get("LeaderPID", 0),
-                                    values.get("RootDirectory", ""), values.get("NetworkInterfaces", []), create)
+                                    values.get("RootDirectory", ""), values.get("NetworkInterfaces", []), create,
+                                    scope_properties)
 
     @dbus_method_async("sa(sv)a(sv)", "o", flags=UNPRIVILEGED, method_name="CreateMachineEx",
                        input_args_names=["name", "properties", "scope_properties"], result_args_names=["path"])
     @translated
     async def create_machine_ex(self, name: str, properties: list, scope_properties: list) -> str:
-        return await self._register_ex(name, properties, True)
+        return await self._register_ex(name, properties, True, scope_properties)
 
     @dbus_method_async("sa(sv)", "o", flags=UNPRIVILEGED, method_name="RegisterMachineEx",
                        input_args_names=["name", "properties"], result_args_names=["path"])

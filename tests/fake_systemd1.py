@@ -1,0 +1,146 @@
+"""A stand-in for systemd's manager on the private test bus.
+
+    python tests/fake_systemd1.py DIRECTORY
+
+Owns org.freedesktop.systemd1 and serves the few Manager methods machined
+uses.  Every call is appended to DIRECTORY/calls.json (method, arguments,
+as JSON).  StartTransientUnit remembers the unit's PIDs (it moves them
+nowhere) and emits JobRemoved shortly after replying, with the result read
+from DIRECTORY/result ("done" unless the file says otherwise) after the
+delay read from DIRECTORY/delay (seconds, 0.1 by default).  StopUnit sends
+SIGTERM to the unit's PIDs, KillUnit the given signal.  Like systemd, job
+signals go out only once somebody has called Subscribe().
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from typing import Any
+
+import sdbus
+from sdbus import DbusFailedError, DbusInterfaceCommonAsync, dbus_method_async, dbus_signal_async
+
+PATH = "/org/freedesktop/systemd1"
+
+
+class NoSuchUnit(DbusFailedError):
+    dbus_error_name = "org.freedesktop.systemd1.NoSuchUnit"
+
+
+class AlreadySubscribed(DbusFailedError):
+    dbus_error_name = "org.freedesktop.systemd1.AlreadySubscribed"
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, bytes):
+        return list(value)
+    return value
+
+
+class FakeManager(DbusInterfaceCommonAsync, interface_name="org.freedesktop.systemd1.Manager"):
+    def __init__(self, directory: str) -> None:
+        super().__init__()
+        self.directory = directory
+        self.calls: list[dict[str, Any]] = []
+        self.units: dict[str, list[int]] = {}
+        self.subscribers: set[str] = set()
+        self.next_job = 1
+
+    def _setting(self, name: str, default: str) -> str:
+        try:
+            with open(os.path.join(self.directory, name)) as f:
+                return f.read().strip() or default
+        except FileNotFoundError:
+            return default
+
+    def _record(self, method: str, *args: Any) -> None:
+        message = sdbus.get_current_message()
+        self.calls.append({"method": method, "args": _jsonable(args), "sender": message.sender})
+        path = os.path.join(self.directory, "calls.json")
+        with open(path + ".new", "w") as f:
+            json.dump(self.calls, f)
+        os.rename(path + ".new", path)
+
+    def _new_job(self, unit: str, result: str, delay: float) -> str:
+        job_id = self.next_job
+        self.next_job += 1
+        path = f"{PATH}/job/{job_id}"
+        asyncio.get_running_loop().call_later(delay, self._job_done, job_id, path, unit, result)
+        return path
+
+    def _job_done(self, job_id: int, path: str, unit: str, result: str) -> None:
+        if self.subscribers:
+            self.job_removed.emit((job_id, path, unit, result))
+
+    @staticmethod
+    def _signal(pids: list[int], signo: int) -> None:
+        for pid in pids:
+            try:
+                os.kill(pid, signo)
+            except ProcessLookupError:
+                pass
+
+    @dbus_method_async("", "", method_name="Subscribe")
+    async def subscribe(self) -> None:
+        sender = sdbus.get_current_message().sender or ""
+        self._record("Subscribe")
+        if sender in self.subscribers:
+            raise AlreadySubscribed("Client is already subscribed.")
+        self.subscribers.add(sender)
+
+    @dbus_method_async("ssa(sv)a(sa(sv))", "o", method_name="StartTransientUnit")
+    async def start_transient_unit(self, name: str, mode: str, properties: list, aux: list) -> str:
+        self._record("StartTransientUnit", name, mode, properties, aux)
+        pids: list[int] = []
+        for key, (signature, value) in properties:
+            if key == "PIDs" and signature == "au":
+                pids.extend(value)
+        result = self._setting("result", "done")
+        if result == "done":
+            self.units[name] = pids
+        return self._new_job(name, result, float(self._setting("delay", "0.1")))
+
+    @dbus_method_async("ss", "o", method_name="StopUnit")
+    async def stop_unit(self, name: str, mode: str) -> str:
+        self._record("StopUnit", name, mode)
+        if name not in self.units:
+            raise NoSuchUnit(f"Unit {name} not loaded.")
+        self._signal(self.units.pop(name), signal.SIGTERM)
+        return self._new_job(name, "done", 0.05)
+
+    @dbus_method_async("ssi", "", method_name="KillUnit")
+    async def kill_unit(self, name: str, whom: str, signo: int) -> None:
+        self._record("KillUnit", name, whom, signo)
+        if name not in self.units:
+            raise NoSuchUnit(f"Unit {name} not loaded.")
+        self._signal(self.units[name], signo)
+
+    @dbus_signal_async("uoss", signal_name="JobRemoved", signal_args_names=["id", "job", "unit", "result"])
+    def job_removed(self) -> tuple[int, str, str, str]:
+        raise NotImplementedError
+
+
+async def main(directory: str) -> None:
+    bus = sdbus.sd_bus_open_system()
+    sdbus.set_default_bus(bus)
+    manager = FakeManager(directory)
+    manager.export_to_dbus(PATH)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signo in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signo, stop.set)
+    await bus.request_name_async("org.freedesktop.systemd1", 0)
+    await stop.wait()
+    bus.close()
+
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1]))
