@@ -149,7 +149,9 @@ def test_create_machine_starts_a_scope(pool: Pool, machined_only: Daemons, fake_
 
         # sd-login's view: the state file names the scope, unit:<scope> leads to the machine.
         state = Path("/run/systemd/machines/sc-1").read_text()
-        assert any(line.startswith("SCOPE=machine-sc") and line.endswith("x2d1.scope") for line in state.splitlines())
+        from imagepool.metadata import parse_env_file
+
+        assert parse_env_file(state)["SCOPE"] == "machine-sc\\x2d1.scope"
         assert os.readlink(f"/run/systemd/machines/unit:{unit}") == "sc-1"
 
         # kill (whom=all) is systemd's KillUnit; whom=leader stays ours.
