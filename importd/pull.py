@@ -301,7 +301,9 @@ def _stream_into(ctx: JobContext, http: Http, req: PullRequest, tmp: str, etags:
 
     def downloader() -> None:
         try:
-            result["info"] = http.stream(req.url, sink, etags=etags, max_size=limit, progress=progress)
+            # Hashing costs ~1 CPU-second per GB: only when it will be checked.
+            result["info"] = http.stream(req.url, sink, etags=etags, max_size=limit, progress=progress,
+                                         hash=req.verify != verify.VerifyMode.NO)
         except BaseException as e:  # handed over to the unpacking side
             result["error"] = e
         finally:

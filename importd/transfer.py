@@ -129,8 +129,14 @@ class TransferManager:
             priority, text = _split_priority(line)
             loop.call_soon_threadsafe(transfer._log, text, priority)
 
+        last_percent = [-1]
+
         def progress_threadsafe(fraction: float) -> None:
-            loop.call_soon_threadsafe(transfer._progress, fraction)
+            # Wake the event loop only when the percentage changes.
+            percent = int(min(max(fraction, 0.0), 1.0) * 100)
+            if percent != last_percent[0]:
+                last_percent[0] = percent
+                loop.call_soon_threadsafe(transfer._progress, fraction)
 
         transfer.ctx.log = log_threadsafe
         transfer.ctx.progress = progress_threadsafe
