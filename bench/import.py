@@ -47,7 +47,8 @@ tar: counts of files, symlinks and bytes).  Then the image is deleted
 directly (file, or subvolume with ``btrfs subvolume delete --commit-after``;
 not timed), followed by sync and ``btrfs subvolume sync`` (the cleaner is done
 before the next run starts).  Medians are reported, and the ratio
-ours/reference.  A full run takes about 15 minutes, --quick about 5 (plus,
+ours/reference.  A full run (5 runs each) takes about 10 minutes, --quick
+(1 run each) about 2-3 (plus,
 the first time, generating the inputs: 5 to 20 minutes, mostly xz -T1).
 
 systemd 252 does not know zstd: for ``.zst`` only ours is timed (its output
@@ -145,7 +146,7 @@ INPUTS: dict[str, dict] = {
 }
 RSS_TARGET_MB = 100.0
 
-FULL = dict(runs=3)
+FULL = dict(runs=5)
 QUICK = dict(runs=1)
 
 
@@ -236,8 +237,9 @@ def setup_namespace(cleanups: Cleanups) -> None:
         cleanups.push(f"rmdir {POOL}", lambda: POOL.rmdir())
 
 
-def mount_pool(kind: str, workdir: Path, cleanups: Cleanups) -> int:
-    """Mount a fresh pool of KIND at /var/lib/machines; returns the cleanup handle."""
+def mount_pool(kind: str, workdir: Path, cleanups: Cleanups, before=lambda: None) -> int:
+    """Mount a fresh pool of KIND at /var/lib/machines; returns the cleanup
+    handle.  BEFORE runs first when it is undone (stops what uses the pool)."""
     from tests import world
 
     if kind == "btrfs":
@@ -245,6 +247,7 @@ def mount_pool(kind: str, workdir: Path, cleanups: Cleanups) -> int:
         world.mount_btrfs(image, POOL, "12G")
 
         def undo() -> None:
+            before()
             umount(str(POOL))
             image.unlink(missing_ok=True)
 
@@ -254,6 +257,7 @@ def mount_pool(kind: str, workdir: Path, cleanups: Cleanups) -> int:
     run(["mount", "--bind", str(plain), str(POOL)])
 
     def undo_plain() -> None:
+        before()
         umount(str(POOL))
         rm_tree(plain)
 
@@ -1000,7 +1004,7 @@ def reference_probe_zstd(ctx: dict, pool_kind: str) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="one run per input and daemon (about 5 minutes)")
-    ap.add_argument("--runs", type=int, help="runs per input and daemon (default 3, --quick 1)")
+    ap.add_argument("--runs", type=int, help="runs per input and daemon (default 5, --quick 1)")
     ap.add_argument("--json", metavar="FILE", help="write the JSON results here instead of to stdout")
     ap.add_argument("--pool", default="btrfs", help="comma-separated pool kinds: btrfs, plain (default: %(default)s)")
     ap.add_argument("--inputs", default=",".join(INPUTS), help="comma-separated inputs (default: all: %(default)s)")
@@ -1076,7 +1080,7 @@ def main() -> int:
 
         for pool_kind in kinds:
             try:
-                handle = mount_pool(pool_kind, workdir, cleanups)
+                handle = mount_pool(pool_kind, workdir, cleanups, before=lambda: (profiler.stop(), daemons.stop()))
             except subprocess.CalledProcessError as e:
                 problems.append(f"could not set up the {pool_kind} pool ({e}); skipped")
                 note(problems[-1])

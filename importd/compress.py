@@ -27,7 +27,10 @@ import select
 import shutil
 import signal
 import stat
+import struct
 import subprocess
+import termios
+import time
 import zlib
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
@@ -117,6 +120,18 @@ _POLL_MS = 250  # how long we wait for input before checking for cancellation
 _READ_SIZE = 256 * 1024  # compressed bytes read at a time
 _PIPE_SIZE = 1 << 20
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+
+
+_BATCH = 256 << 10
+_BATCH_WAIT = 0.002
+
+
+def _pipe_available(fd: int) -> int:
+    """Bytes waiting in a pipe (FIONREAD)."""
+    try:
+        return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+    except OSError:
+        return 0
 
 
 def _grow_pipe(fd: int) -> None:
@@ -530,6 +545,10 @@ def _xz_child(src: _Source, xz: str, ctx: JobContext, limit: int) -> Iterator[by
             out = b""
             for fd, _ in poller.poll(_POLL_MS):
                 if fd == out_r:
+                    # xz writes 8 KiB at a time: waking for each costs more
+                    # CPU than the decoding.  Let a batch accumulate first.
+                    if 0 < _pipe_available(out_r) < _BATCH:
+                        time.sleep(_BATCH_WAIT)
                     out = os.read(out_r, limit)
                     if not out:
                         break

@@ -124,6 +124,14 @@ def import_raw(ctx: JobContext, fd: int, pool: Pool, name: str, force: bool, rea
             tmp = ops.temp_name(pool.path, name + ".raw")
             tmp_qcow = None
             try:
+                if _input_size(fd) is not None and qcow2.is_qcow2(os.pread(fd, QCOW2_HEAD, 0)):
+                    # An uncompressed qcow2 file: convert straight from it.
+                    size = convert_qcow2(ctx, fd, tmp, limit)
+                    ctx.log(f"Wrote {format_bytes(size)}.")
+                    _check_target(pool, name, force)
+                    ops.install_image(tmp, os.path.join(pool.path, name + ".raw"), force=force,
+                                      read_only=read_only)
+                    return _finish(ctx)
                 out = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
                 try:
                     size = write_raw(ctx, fd, out, limit)

@@ -187,7 +187,10 @@ def copy_sparse(src_fd: int, dst_fd: int, ctx: JobContext, size: int) -> None:
         progress(size)
         return
 
-    os.ftruncate(dst_fd, 0)
+    # Truncating a file with data makes btrfs flush it all on close; ours are
+    # new and empty, so only truncate when there is something to drop.
+    if os.fstat(dst_fd).st_size:
+        os.ftruncate(dst_fd, 0)
     buf = bytearray(_COPY_PIECE)
     view = memoryview(buf)
     use_copy_range = hasattr(os, "copy_file_range")
