@@ -52,7 +52,6 @@ everything mounted is unmounted, also on errors and Ctrl-C/SIGTERM.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import platform
@@ -64,7 +63,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import traceback
 from pathlib import Path
@@ -80,7 +78,6 @@ MANAGER_PATH = "/org/freedesktop/machine1"
 MANAGER_IFACE = "org.freedesktop.machine1.Manager"
 SOURCE = "bigsrc"
 
-_CLONE_NEWNS = 0x00020000
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 FULL = dict(images=1000, list_rounds=6, list_calls=40, mc_calls=10, clone_runs=7)
@@ -90,95 +87,7 @@ BIG_FILES = 2000
 SMALL_FILES = 2000
 
 
-def note(msg: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def run(argv: list[str], **kw) -> subprocess.CompletedProcess:
-    kw.setdefault("check", True)
-    return subprocess.run(argv, **kw)
-
-
-# --- the private world -----------------------------------------------------------
-
-
-def enter_private_mount_namespace() -> None:
-    """unshare(CLONE_NEWNS) while single-threaded (it fails with EINVAL once
-    threads share our fs_struct), then make every mount private."""
-    if os.geteuid() != 0:
-        raise SystemExit("bench/images.py must run as root (it mounts file systems)")
-    if threading.active_count() != 1:
-        raise SystemExit("bench/images.py: not single-threaded, cannot unshare the mount namespace")
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.unshare(_CLONE_NEWNS) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"unshare(CLONE_NEWNS): {os.strerror(err)}")
-    run(["mount", "--make-rprivate", "/"])
-
-
-class Cleanups:
-    """Undo actions, run in reverse order; one failing doesn't stop the rest."""
-
-    def __init__(self) -> None:
-        self._items: list[tuple[int, str, object]] = []
-        self._next = 0
-
-    def push(self, what: str, fn) -> int:
-        self._next += 1
-        self._items.append((self._next, what, fn))
-        return self._next
-
-    def run_now(self, handle: int) -> None:
-        for i, (h, what, fn) in enumerate(self._items):
-            if h == handle:
-                del self._items[i]
-                self._call(what, fn)
-                return
-
-    @staticmethod
-    def _call(what: str, fn) -> None:
-        try:
-            fn()
-        except BaseException as e:  # noqa: BLE001 - keep cleaning up whatever happens
-            note(f"cleanup '{what}' failed: {type(e).__name__}: {e}")
-
-    def close(self) -> None:
-        while self._items:
-            _, what, fn = self._items.pop()
-            self._call(what, fn)
-
-
-def umount(path: str) -> None:
-    r = subprocess.run(["umount", path], capture_output=True, text=True)
-    if r.returncode != 0:
-        note(f"umount {path}: {r.stderr.strip()}; detaching lazily")
-        subprocess.run(["umount", "-l", path], check=True)
-
-
-def rm_tree(path: Path) -> None:
-    if not os.path.lexists(path):
-        return
-    if subprocess.run(["rm", "-rf", "--", str(path)], stderr=subprocess.DEVNULL).returncode != 0:
-        subprocess.run(["chattr", "-R", "-f", "-i", "-a", str(path)], stderr=subprocess.DEVNULL)
-        subprocess.run(["rm", "-rf", "--", str(path)], check=True)
-
-
-def setup_namespace(cleanups: Cleanups) -> None:
-    os.makedirs("/run/systemd", exist_ok=True)
-    run(["mount", "-t", "tmpfs", "-o", "mode=0755", "tmpfs", "/run/systemd"])
-    cleanups.push("umount /run/systemd", lambda: umount("/run/systemd"))
-    for sub in ("system", "machines"):
-        os.makedirs(f"/run/systemd/{sub}", exist_ok=True)
-    # Clone and remove look for .nspawn settings here: keep the host's out of reach.
-    if os.path.isdir("/etc/systemd/nspawn"):
-        run(["mount", "-t", "tmpfs", "-o", "mode=0755", "tmpfs", "/etc/systemd/nspawn"])
-        cleanups.push("umount /etc/systemd/nspawn", lambda: umount("/etc/systemd/nspawn"))
-    if not POOL.exists():
-        POOL.mkdir(parents=True)
-        cleanups.push(f"rmdir {POOL}", lambda: POOL.rmdir())
-
-
-# --- the bus client and the daemons ----------------------------------------------
+from common import Cleanups, enter_private_mount_namespace, note, rm_tree, run, setup_namespace, umount  # noqa: E402
 
 
 class Client:
