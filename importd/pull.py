@@ -33,7 +33,7 @@ from imagepool import fsutil, ops
 from imagepool.errors import InvalidArgs
 from imagepool.image import Pool
 from imagepool.locks import image_name_lock
-from importd import compress, tarball, verify
+from importd import compress, qcow2, sparse, tarball, verify
 from importd.context import Canceled, JobContext, TransferError, exiting_on_failure
 from importd.http import Download, Http, HttpError, HttpOptions, format_bytes, valid_etag
 from importd.local import DEFAULT_MAX_IMAGE_SIZE, convert_qcow2, write_raw
@@ -282,9 +282,49 @@ def _download(ctx: JobContext, http: Http, req: PullRequest, pool: Pool,
     return _Cache(tmp, base + (".raw" if req.kind == "raw" else ""), True), info
 
 
+class _DirectRaw:
+    """Uncompressed raw data (or an uncompressed qcow2 file) needs no decoding:
+    the download thread writes it straight to the image file, skipping the
+    pipe and the hand-over to the other thread."""
+
+    def __init__(self, tmp: str, head: bytes) -> None:
+        self.out = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        self.qcow = qcow2.is_qcow2(head[:4])
+        self.writer = sparse.SparseWriter(self.out)
+        self.offset = 0
+
+    def write(self, chunk: bytes) -> None:
+        if self.qcow:
+            view = memoryview(chunk)
+            while view:
+                n = os.pwrite(self.out, view, self.offset)
+                self.offset += n
+                view = view[n:]
+        else:
+            self.writer.write(chunk)
+
+    def finish(self, ctx: JobContext, tmp: str, limit: int) -> int:
+        try:
+            if not self.qcow:
+                return self.writer.finish()
+            os.rename(tmp, tmp + ".qcow2")
+            try:
+                return convert_qcow2(ctx, self.out, tmp, limit)
+            finally:
+                ops.remove_path(tmp + ".qcow2")
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.out >= 0:
+            os.close(self.out)
+            self.out = -1
+
+
 def _stream_into(ctx: JobContext, http: Http, req: PullRequest, tmp: str, etags: list[str], limit: int,
                  progress: Callable[[float], None]) -> Download:
-    """Download in a helper thread into a pipe; unpack from the pipe here."""
+    """Download in a helper thread; data that needs decoding goes through a
+    pipe to this thread, which unpacks it, so both overlap."""
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
     with contextlib.suppress(OSError):
         import fcntl
@@ -292,9 +332,21 @@ def _stream_into(ctx: JobContext, http: Http, req: PullRequest, tmp: str, etags:
         fcntl.fcntl(write_fd, 1031, 1 << 20)  # F_SETPIPE_SZ
     started = threading.Event()
     result: dict[str, object] = {}
+    direct: list[_DirectRaw] = []
+    mode: list[str] = []
 
     def sink(chunk: bytes) -> None:
-        started.set()
+        if not mode:
+            head = bytes(chunk[:6])
+            if req.kind == "raw" and len(head) == 6 and compress.detect(head) == compress.Compression.NONE:
+                direct.append(_DirectRaw(tmp, head))
+                mode.append("direct")
+            else:
+                mode.append("pipe")
+            started.set()
+        if direct:
+            direct[0].write(chunk)
+            return
         view = memoryview(chunk)
         while view:
             view = view[os.write(write_fd, view):]
@@ -315,8 +367,15 @@ def _stream_into(ctx: JobContext, http: Http, req: PullRequest, tmp: str, etags:
     try:
         while not started.wait(0.25):
             ctx.check()
-        if "error" not in result and not (isinstance(result.get("info"), Download)
-                                          and result["info"].not_modified):  # type: ignore[union-attr]
+        downloaded = "error" not in result and not (isinstance(result.get("info"), Download)
+                                                    and result["info"].not_modified)  # type: ignore[union-attr]
+        if direct:
+            while thread.is_alive():
+                thread.join(0.25)
+                ctx.check()
+            if "error" not in result:
+                ctx.log(f"Acquired {format_bytes(direct[0].finish(ctx, tmp, limit))}.")
+        elif downloaded:
             acquired = _unpack(ctx, req, read_fd, tmp, limit)
             if "error" not in result:
                 ctx.log(f"Acquired {format_bytes(acquired)}.")
@@ -333,6 +392,8 @@ def _stream_into(ctx: JobContext, http: Http, req: PullRequest, tmp: str, etags:
         if read_fd >= 0:
             os.close(read_fd)
         thread.join()
+        if direct:
+            direct[0].close()
     error = result.get("error")
     if isinstance(error, BaseException):
         raise error
