@@ -10,7 +10,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import platform
 from dataclasses import dataclass, field
 
 MAX_FILE = 64 * 1024
@@ -158,6 +157,3 @@ def read_tree_metadata(root: str) -> ImageMetadata:
     finally:
         os.close(root_fd)
 
-
-def host_architecture() -> str:
-    return platform.machine()
