@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import os
+import statistics
 import subprocess
 import sys
 import threading
@@ -12,6 +14,7 @@ import time
 from pathlib import Path
 
 POOL = Path("/var/lib/machines")
+MiB = 1 << 20
 _CLONE_NEWNS = 0x00020000
 
 
@@ -104,3 +107,86 @@ def setup_namespace(cleanups: Cleanups) -> None:
     if not POOL.exists():
         POOL.mkdir(parents=True)
         cleanups.push(f"rmdir {POOL}", lambda: POOL.rmdir())
+
+
+# --- measuring --------------------------------------------------------------------
+
+
+def proc_status(pid: int) -> dict[str, str]:
+    out = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                k, _, v = line.partition(":")
+                out[k] = v.strip()
+    except OSError:
+        pass
+    return out
+
+
+def kb(v: str | None) -> int:
+    return int(v.split()[0]) if v else 0
+
+
+def descendants(pid: int) -> list[int]:
+    out = []
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            tids = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{p}/task/{tid}/children") as f:
+                    kids = [int(x) for x in f.read().split()]
+            except OSError:
+                continue
+            out.extend(kids)
+            todo.extend(kids)
+    return out
+
+
+def stats(samples: list[float]) -> dict:
+    if not samples:
+        return {"n": 0}
+    s = sorted(samples)
+    return {"n": len(s), "median": statistics.median(s), "min": s[0], "max": s[-1],
+            "samples": [round(x, 3) for x in samples]}
+
+
+def merge_max(dicts: list[dict]) -> dict:
+    out: dict = {}
+    for d in dicts:
+        for k, v in d.items():
+            out[k] = max(out.get(k, 0), v)
+    return out
+
+
+def fmt(v, spec: str = ".2f", unit: str = "") -> str:
+    return "-" if v is None else f"{v:{spec}}{unit}"
+
+
+def host_load() -> dict:
+    out: dict = {"loadavg": [round(x, 2) for x in os.getloadavg()]}
+    try:
+        some = Path("/proc/pressure/cpu").read_text().splitlines()[0]
+        out["cpu_pressure_some"] = {k: float(v) for k, v in (f.split("=") for f in some.split()[1:4])}
+    except (OSError, IndexError, ValueError):
+        pass
+    return out
+
+
+def warm(path: Path) -> None:
+    run(["cat", str(path)], stdout=subprocess.DEVNULL)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    buf = bytearray(8 * MiB)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()

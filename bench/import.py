@@ -149,7 +149,10 @@ FULL = dict(runs=5)
 QUICK = dict(runs=1)
 
 
-from common import Cleanups, enter_private_mount_namespace, note, rm_tree, run, setup_namespace, umount  # noqa: E402
+from common import (  # noqa: E402
+    Cleanups, descendants, enter_private_mount_namespace, fmt, host_load, kb, merge_max, note, proc_status, rm_tree,
+    run, setup_namespace, sha256_file, stats, umount, warm,
+)
 
 
 def mount_pool(kind: str, workdir: Path, cleanups: Cleanups, before=lambda: None) -> int:
@@ -299,16 +302,6 @@ def write_raw_image(path: Path, size: int = RAW_SIZE) -> dict:
             data_bytes[kind] += length
     os.replace(tmp, path)
     return {"size": size, "data_bytes": data_bytes, "segments": {"random": n_random, "usr": n_usr}}
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    buf = bytearray(8 * MiB)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(view[:n])
-    return h.hexdigest()
 
 
 def xz_blocks(path: Path) -> dict:
@@ -466,22 +459,6 @@ def generate(cache: Path, regen: bool, keys: list[str], raw_mib: int, cleanups: 
 # --- processes: the daemons, and watching their memory -------------------------------
 
 
-def proc_status(pid: int) -> dict[str, str]:
-    out = {}
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                k, _, v = line.partition(":")
-                out[k] = v.strip()
-    except OSError:
-        pass
-    return out
-
-
-def kb(v: str | None) -> int:
-    return int(v.split()[0]) if v else 0
-
-
 def proc_cpu_seconds(pid: int, children: bool = True) -> float:
     """utime+stime, plus cutime+cstime (children waited for) if CHILDREN."""
     with open(f"/proc/{pid}/stat") as f:
@@ -490,26 +467,6 @@ def proc_cpu_seconds(pid: int, children: bool = True) -> float:
     if children:
         ticks += int(fields[13]) + int(fields[14])
     return ticks / CLOCK_TICKS
-
-
-def descendants(pid: int) -> list[int]:
-    out = []
-    todo = [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            tids = os.listdir(f"/proc/{p}/task")
-        except OSError:
-            continue
-        for tid in tids:
-            try:
-                with open(f"/proc/{p}/task/{tid}/children") as f:
-                    kids = [int(x) for x in f.read().split()]
-            except OSError:
-                continue
-            out.extend(kids)
-            todo.extend(kids)
-    return out
 
 
 class TreeSampler(threading.Thread):
@@ -631,10 +588,6 @@ def syncfs(path: Path) -> float:
         return time.perf_counter() - t0
     finally:
         os.close(fd)
-
-
-def warm(path: Path) -> None:
-    run(["cat", str(path)], stdout=subprocess.DEVNULL)
 
 
 # --- checking what was imported ------------------------------------------------------
@@ -767,14 +720,6 @@ def one_import(key: str, spec: dict, who: str, r: int, pool_kind: str, ctx: dict
 # --- report ------------------------------------------------------------------------------
 
 
-def stats(samples: list[float]) -> dict:
-    if not samples:
-        return {"n": 0}
-    s = sorted(samples)
-    return {"n": len(s), "median": statistics.median(s), "min": s[0], "max": s[-1],
-            "samples": [round(x, 3) for x in samples]}
-
-
 def output_bytes(spec: dict, manifest: dict) -> int:
     return manifest["raw"]["size"] if spec["kind"] == "raw" else manifest["tar"]["size"]
 
@@ -802,9 +747,9 @@ def make_row(pool_kind: str, key: str, spec: dict, results: list[dict], manifest
         "ours_cpu_s": _median([x["cpu_seconds"] for x in ours if "cpu_seconds" in x]),
         "reference_cpu_s": _median([x["cpu_seconds"] for x in ref if "cpu_seconds" in x]),
         "ours_daemon_hwm_mb": max((x["daemon_hwm_mb"] for x in ours), default=None),
-        "ours_children_hwm_mb": _merge_max([x["children_hwm_mb"] for x in ours]),
+        "ours_children_hwm_mb": merge_max([x["children_hwm_mb"] for x in ours]),
         "reference_daemon_hwm_mb": max((x["daemon_hwm_mb"] for x in ref), default=None),
-        "reference_children_hwm_mb": _merge_max([x["children_hwm_mb"] for x in ref]),
+        "reference_children_hwm_mb": merge_max([x["children_hwm_mb"] for x in ref]),
         "runs": results,
     }
     if row["ours_cpu_s"] and row["reference_cpu_s"]:
@@ -823,18 +768,6 @@ def make_row(pool_kind: str, key: str, spec: dict, results: list[dict], manifest
 
 def _median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
-
-
-def _merge_max(dicts: list[dict]) -> dict:
-    out: dict = {}
-    for d in dicts:
-        for k, v in d.items():
-            out[k] = max(out.get(k, 0), v)
-    return out
-
-
-def fmt(v, spec: str = ".2f", unit: str = "") -> str:
-    return "-" if v is None else f"{v:{spec}}{unit}"
 
 
 def print_table(rows: list[dict], out=sys.stdout) -> None:
@@ -876,16 +809,6 @@ def code_state() -> dict:
         for f in sorted((REPO / d).glob("*.py")):
             h.update(f.name.encode() + b"\0" + f.read_bytes())
     out["sources_sha256"] = h.hexdigest()[:16]
-    return out
-
-
-def host_load() -> dict:
-    out: dict = {"loadavg": [round(x, 2) for x in os.getloadavg()]}
-    try:
-        some = Path("/proc/pressure/cpu").read_text().splitlines()[0]
-        out["cpu_pressure_some"] = {k: float(v) for k, v in (f.split("=") for f in some.split()[1:4])}
-    except (OSError, IndexError, ValueError):
-        pass
     return out
 
 
@@ -1056,10 +979,10 @@ def main() -> int:
         "ours_importd_peak_mb": ours_hwm,
         "target_mb": RSS_TARGET_MB,
         "pass": ours_hwm is not None and ours_hwm <= RSS_TARGET_MB,
-        "ours_children_peak_mb": _merge_max([r["ours_children_hwm_mb"] for r in rows]),
+        "ours_children_peak_mb": merge_max([r["ours_children_hwm_mb"] for r in rows]),
         "reference_importd_peak_mb": max((r["reference_daemon_hwm_mb"] for r in rows
                                           if r["reference_daemon_hwm_mb"] is not None), default=None),
-        "reference_children_peak_mb": _merge_max([r["reference_children_hwm_mb"] for r in rows]),
+        "reference_children_peak_mb": merge_max([r["reference_children_hwm_mb"] for r in rows]),
     }
 
     print()

@@ -94,20 +94,16 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import hashlib
 import importlib.util
-import inspect
 import json
 import os
 import platform
-import random
 import shutil
 import signal
 import socket
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
 import threading
 import time
@@ -148,7 +144,10 @@ FULL = dict(runs=3, hang_timeout=300.0, verify_inputs=("raw", "xz-mt"), idle_cal
 QUICK = dict(runs=1, hang_timeout=150.0, verify_inputs=("raw",), idle_calls=40)
 
 
-from common import Cleanups, enter_private_mount_namespace, note, rm_tree, run, setup_namespace, umount  # noqa: E402
+from common import (  # noqa: E402
+    Cleanups, descendants, enter_private_mount_namespace, fmt, host_load, kb, merge_max, note, proc_status, rm_tree,
+    setup_namespace, sha256_file, stats, umount, warm,
+)
 
 
 def mount_pool(workdir: Path, cleanups: Cleanups) -> None:
@@ -195,30 +194,17 @@ def clear_pool() -> list[str]:
     return removed
 
 
-# --- inputs: bench/import.py's generator (or a fallback) ----------------------------
+# --- inputs: bench/import.py's generator ------------------------------------------
 
 
 def load_import_bench():
-    """bench/import.py as a module (its name is a keyword): None if it can't be loaded."""
+    """bench/import.py as a module (its name is a keyword, so not importable as such)."""
     path = REPO / "bench" / "import.py"
-    if not path.exists():
-        return None, f"{path} does not exist"
-    try:
-        spec = importlib.util.spec_from_file_location("bench_import_for_pull", path)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = mod
-        spec.loader.exec_module(mod)
-    except Exception as e:  # noqa: BLE001 - it is being edited: fall back
-        sys.modules.pop("bench_import_for_pull", None)
-        return None, f"importing {path} failed: {type(e).__name__}: {e}"
-    gen = getattr(mod, "generate", None)
-    if gen is None or list(inspect.signature(gen).parameters)[:5] != ["cache", "regen", "keys", "raw_mib", "cleanups"]:
-        return None, f"{path} has no generate(cache, regen, keys, raw_mib, cleanups)"
-    theirs = getattr(mod, "INPUTS", {})
-    for key, spec_ in INPUTS.items():
-        if theirs.get(key, {}).get("file") != spec_["file"]:
-            return None, f"{path}: its input {key!r} is not {spec_['file']}"
-    return mod, None
+    spec = importlib.util.spec_from_file_location("bench_import_for_pull", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def generator_busy(cache: Path, window: float = 120.0) -> list[str]:
@@ -254,12 +240,7 @@ def manifest_complete(cache: Path, keys: list[str]) -> dict | None:
 
 def get_inputs(cache: Path, keys: list[str], cleanups: Cleanups, regen: bool, gen_wait: float,
                notes: list[str]) -> dict:
-    mod, why = load_import_bench()
-    if mod is None:
-        notes.append(f"bench/import.py's generator not used ({why}): fallback generator of bench/pull.py")
-        note(notes[-1])
-        if cache == DEFAULT_CACHE:
-            cache = DEFAULT_CACHE.with_name(DEFAULT_CACHE.name + "-pull")
+    mod = load_import_bench()
     deadline = time.monotonic() + gen_wait
     while not regen:
         m = manifest_complete(cache, keys)
@@ -273,108 +254,9 @@ def get_inputs(cache: Path, keys: list[str], cleanups: Cleanups, regen: bool, ge
             raise RuntimeError(f"another process is still generating {busy} in {cache}; gave up after {gen_wait:.0f} s")
         note(f"another process is generating {', '.join(busy)} in {cache}; waiting")
         time.sleep(15)
-    if mod is not None:
-        m = mod.generate(cache, regen, keys, 2048, cleanups)
-        notes.append(f"inputs made/reused by bench/import.py's generator in {cache}")
-    else:
-        m = fallback_generate(cache, keys, regen)
+    m = mod.generate(cache, regen, keys, 2048, cleanups)
+    notes.append(f"inputs made/reused by bench/import.py's generator in {cache}")
     return dict(m, cache=str(cache))
-
-
-def _usr_stream():
-    while True:
-        for top in ("/usr/lib/x86_64-linux-gnu", "/usr/bin", "/usr/lib", "/usr/share"):
-            for dirpath, dirnames, filenames in os.walk(top):
-                dirnames.sort()
-                for name in sorted(filenames):
-                    path = os.path.join(dirpath, name)
-                    if os.path.islink(path) or not os.path.isfile(path):
-                        continue
-                    try:
-                        with open(path, "rb") as f:
-                            while chunk := f.read(4 * MiB):
-                                yield chunk
-                    except OSError:
-                        continue
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    buf = bytearray(8 * MiB)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(view[:n])
-    return h.hexdigest()
-
-
-def fallback_generate(cache: Path, keys: list[str], regen: bool) -> dict:
-    """The same inputs as bench/import.py makes (2 GiB raw with ~900 MB in
-    8 MiB segments of random or /usr bytes; a ~200 MB rootfs tar)."""
-    cache.mkdir(parents=True, exist_ok=True)
-    mpath = cache / "manifest.json"
-    m = {} if regen else (manifest_complete(cache, keys) or {})
-    if m:
-        return m
-    m = {"version": "pull-fallback-1", "files": {}}
-    raw = cache / "disk.raw"
-    note(f"generating the inputs in {cache} (fallback generator)")
-    rng = random.Random(20240601)
-    nseg = (2 << 30) // (8 * MiB)
-    slots = list(range(nseg))
-    rng.shuffle(slots)
-    kinds = {s: "random" for s in slots[:72]}
-    kinds.update({s: "usr" for s in slots[72:144]})
-    usr, buf = _usr_stream(), bytearray()
-    with open(raw.with_suffix(".tmp"), "wb") as f:
-        f.truncate(2 << 30)
-        for seg in sorted(kinds):
-            length = rng.randint(5 * 256, 7 * 256) * 4096
-            off = seg * 8 * MiB + rng.randrange(0, (8 * MiB - length) // 4096 + 1) * 4096
-            if kinds[seg] == "random":
-                data = os.urandom(length)
-            else:
-                while len(buf) < length:
-                    buf += next(usr)
-                data, buf = bytes(buf[:length]), buf[length:]
-            os.pwrite(f.fileno(), data, off)
-    os.replace(raw.with_suffix(".tmp"), raw)
-    m["raw"] = {"size": raw.stat().st_size, "sha256": sha256_file(raw)}
-    tar = cache / "rootfs.tar"
-    members = [x for x in ("etc/os-release", "usr/lib/os-release", "usr/lib/python3", "usr/lib/python3.11",
-                           "usr/share/man", "usr/share/perl", "usr/share/vim") if os.path.lexists("/" + x)]
-    with open(tar, "wb") as f:
-        run(["tar", "--numeric-owner", "-C", "/", "-cf", "-", *members], stdout=f)
-    files = dirs = links = nbytes = 0
-    sizes: dict[str, int] = {}
-    with tarfile.open(tar, "r:") as t:
-        for x in t:
-            if x.isreg():
-                files += 1
-                nbytes += x.size
-                sizes[x.name] = x.size
-            elif x.islnk():
-                files += 1
-                nbytes += sizes.get(x.linkname, 0)
-            elif x.isdir():
-                dirs += 1
-            elif x.issym():
-                links += 1
-    m["tar"] = {"files": files, "dirs": dirs, "symlinks": links, "bytes": nbytes, "size": tar.stat().st_size}
-    build = {"xz-mt": ["xz", "-6", "-T2", "-c"], "xz-st": ["xz", "-6", "-T1", "-c"], "gz": ["gzip", "-6", "-c"],
-             "zst": ["zstd", "-3", "-q", "-c"], "tar-xz": ["xz", "-6", "-T2", "-c"], "tar-gz": ["gzip", "-6", "-c"]}
-    for key in keys:
-        out = cache / INPUTS[key]["file"]
-        src = tar if INPUTS[key]["kind"] == "tar" else raw
-        if key == "qcow2":
-            run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(out)])
-        elif key != "raw":
-            with open(out, "wb") as f:
-                run([*build[key], str(src)], stdout=f)
-        m["files"][key] = {"file": out.name, "size": out.stat().st_size}
-        note(f"  {out.name}: {out.stat().st_size / MB:.0f} MB")
-    mpath.write_text(json.dumps(m, indent=2) + "\n")
-    return m
 
 
 # --- nginx -------------------------------------------------------------------------------
@@ -516,22 +398,6 @@ def make_www(www: Path, cache: Path, keys: list[str], manifest: dict, verify_key
 # --- processes -----------------------------------------------------------------------------
 
 
-def proc_status(pid: int) -> dict[str, str]:
-    out = {}
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                k, _, v = line.partition(":")
-                out[k] = v.strip()
-    except OSError:
-        pass
-    return out
-
-
-def kb(v: str | None) -> int:
-    return int(v.split()[0]) if v else 0
-
-
 def proc_stat(pid: int) -> list[str] | None:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -548,26 +414,6 @@ def proc_cpu_seconds(pid: int, children: bool = True) -> float:
     if children:
         ticks += int(fields[13]) + int(fields[14])
     return ticks / CLOCK_TICKS
-
-
-def descendants(pid: int) -> list[int]:
-    out = []
-    todo = [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            tids = os.listdir(f"/proc/{p}/task")
-        except OSError:
-            continue
-        for tid in tids:
-            try:
-                with open(f"/proc/{p}/task/{tid}/children") as f:
-                    kids = [int(x) for x in f.read().split()]
-            except OSError:
-                continue
-            out.extend(kids)
-            todo.extend(kids)
-    return out
 
 
 def process_snapshot(pid: int) -> list[dict]:
@@ -736,10 +582,6 @@ def syncfs(path: Path) -> float:
         return time.perf_counter() - t0
     finally:
         os.close(fd)
-
-
-def warm(path: Path) -> None:
-    run(["cat", str(path)], stdout=subprocess.DEVNULL)
 
 
 class Profiler:
@@ -1046,22 +888,6 @@ def latency_test(ctx: dict, cfg: dict) -> dict:
 # --- report --------------------------------------------------------------------------------
 
 
-def stats(samples: list[float]) -> dict:
-    if not samples:
-        return {"n": 0}
-    s = sorted(samples)
-    return {"n": len(s), "median": statistics.median(s), "min": s[0], "max": s[-1],
-            "samples": [round(x, 3) for x in samples]}
-
-
-def _merge_max(dicts: list[dict]) -> dict:
-    out: dict = {}
-    for d in dicts:
-        for k, v in d.items():
-            out[k] = max(out.get(k, 0), v)
-    return out
-
-
 def output_bytes(key: str, manifest: dict) -> int:
     return manifest["raw"]["size"] if INPUTS[key]["kind"] == "raw" else manifest["tar"]["size"]
 
@@ -1090,9 +916,9 @@ def make_row(key: str, results: list[dict], manifest: dict, verify_mode: str = "
         "ours_cpu_s": cpu(ours), "reference_cpu_s": cpu(ref),
         "cpu_ratio": cpu(ours) / cpu(ref) if cpu(ours) and cpu(ref) else None,
         "ours_daemon_hwm_mb": max((x["daemon_hwm_mb"] for x in ours), default=None),
-        "ours_children_hwm_mb": _merge_max([x["children_hwm_mb"] for x in ours]),
+        "ours_children_hwm_mb": merge_max([x["children_hwm_mb"] for x in ours]),
         "reference_daemon_hwm_mb": max((x["daemon_hwm_mb"] for x in ref), default=None),
-        "reference_children_hwm_mb": _merge_max([x["children_hwm_mb"] for x in ref]),
+        "reference_children_hwm_mb": merge_max([x["children_hwm_mb"] for x in ref]),
         "hangs": {"ours": sum(x["hung"] for x in ours), "reference": sum(x["hung"] for x in ref)},
         "failures": {"ours": sum(not x["ok"] and not x["hung"] for x in ours),
                      "reference": sum(not x["ok"] and not x["hung"] for x in ref)},
@@ -1111,10 +937,6 @@ def make_row(key: str, results: list[dict], manifest: dict, verify_mode: str = "
         row["pass"] = None
         row["target_text"] = "-"
     return row
-
-
-def fmt(v, spec: str = ".2f", unit: str = "") -> str:
-    return "-" if v is None else f"{v:{spec}}{unit}"
 
 
 def print_table(rows: list[dict], out=sys.stdout) -> None:
@@ -1143,16 +965,6 @@ def print_table(rows: list[dict], out=sys.stdout) -> None:
     print("  ".join("-" * w for w in widths), file=out)
     for line in lines:
         print(fmt_line.format(*line), file=out)
-
-
-def host_load() -> dict:
-    out: dict = {"loadavg": [round(x, 2) for x in os.getloadavg()]}
-    try:
-        some = Path("/proc/pressure/cpu").read_text().splitlines()[0]
-        out["cpu_pressure_some"] = {k: float(v) for k, v in (f.split("=") for f in some.split()[1:4])}
-    except (OSError, IndexError, ValueError):
-        pass
-    return out
 
 
 def code_state() -> dict:
@@ -1350,11 +1162,11 @@ def main() -> int:
         "ours_importd_peak_mb": peak,
         "target_mb": RSS_TARGET_MB,
         "pass": peak is not None and peak <= RSS_TARGET_MB,
-        "ours_children_peak_mb": _merge_max([r["ours_children_hwm_mb"] for r in rows + verify_rows]
+        "ours_children_peak_mb": merge_max([r["ours_children_hwm_mb"] for r in rows + verify_rows]
                                             + [latency.get("importd_children_hwm_mb", {})]),
         "reference_importd_peak_mb": max((r["reference_daemon_hwm_mb"] for r in rows + verify_rows
                                           if r["reference_daemon_hwm_mb"] is not None), default=None),
-        "reference_children_peak_mb": _merge_max([r["reference_children_hwm_mb"] for r in rows + verify_rows]),
+        "reference_children_peak_mb": merge_max([r["reference_children_hwm_mb"] for r in rows + verify_rows]),
     }
     hang_counts = {"ours": sum(1 for h in hangs if h["who"] == "ours"),
                    "reference": sum(1 for h in hangs if h["who"] == "reference")}
