@@ -65,32 +65,35 @@ class Errno(PoolError):
         return errno_dbus_name(self.errno)
 
 
+# errnos that sd-bus reports under the generic names (bus-error.c).
+_GENERIC_ERRNO_NAMES = {
+    errno.ENOMEM: "org.freedesktop.DBus.Error.NoMemory",
+    errno.EPERM: "org.freedesktop.DBus.Error.AccessDenied",
+    errno.EACCES: "org.freedesktop.DBus.Error.AccessDenied",
+    errno.EINVAL: "org.freedesktop.DBus.Error.InvalidArgs",
+    errno.ESRCH: "org.freedesktop.DBus.Error.UnixProcessIdUnknown",
+    errno.ENOENT: "org.freedesktop.DBus.Error.FileNotFound",
+    errno.EEXIST: "org.freedesktop.DBus.Error.FileExists",
+    errno.ETIMEDOUT: "org.freedesktop.DBus.Error.Timeout",
+    errno.ETIME: "org.freedesktop.DBus.Error.Timeout",
+    errno.EIO: "org.freedesktop.DBus.Error.IOError",
+    errno.ENETRESET: "org.freedesktop.DBus.Error.Disconnected",
+    errno.ECONNABORTED: "org.freedesktop.DBus.Error.Disconnected",
+    errno.ECONNRESET: "org.freedesktop.DBus.Error.Disconnected",
+    errno.EOPNOTSUPP: "org.freedesktop.DBus.Error.NotSupported",
+    errno.EADDRNOTAVAIL: "org.freedesktop.DBus.Error.BadAddress",
+    errno.ENOBUFS: "org.freedesktop.DBus.Error.LimitsExceeded",
+    errno.EADDRINUSE: "org.freedesktop.DBus.Error.AddressInUse",
+    errno.EBADMSG: "org.freedesktop.DBus.Error.InconsistentMessage",
+}
+
+
 def errno_dbus_name(code: int) -> str:
     """The D-Bus error name sd-bus gives an errno: a few map to the generic
     names (bus-error.c), the rest become ``System.Error.<SYMBOL>``."""
     symbol = errno.errorcode.get(code)
-    special = {
-        errno.ENOMEM: "org.freedesktop.DBus.Error.NoMemory",
-        errno.EPERM: "org.freedesktop.DBus.Error.AccessDenied",
-        errno.EACCES: "org.freedesktop.DBus.Error.AccessDenied",
-        errno.EINVAL: "org.freedesktop.DBus.Error.InvalidArgs",
-        errno.ESRCH: "org.freedesktop.DBus.Error.UnixProcessIdUnknown",
-        errno.ENOENT: "org.freedesktop.DBus.Error.FileNotFound",
-        errno.EEXIST: "org.freedesktop.DBus.Error.FileExists",
-        errno.ETIMEDOUT: "org.freedesktop.DBus.Error.Timeout",
-        errno.ETIME: "org.freedesktop.DBus.Error.Timeout",
-        errno.EIO: "org.freedesktop.DBus.Error.IOError",
-        errno.ENETRESET: "org.freedesktop.DBus.Error.Disconnected",
-        errno.ECONNABORTED: "org.freedesktop.DBus.Error.Disconnected",
-        errno.ECONNRESET: "org.freedesktop.DBus.Error.Disconnected",
-        errno.EOPNOTSUPP: "org.freedesktop.DBus.Error.NotSupported",
-        errno.EADDRNOTAVAIL: "org.freedesktop.DBus.Error.BadAddress",
-        errno.ENOBUFS: "org.freedesktop.DBus.Error.LimitsExceeded",
-        errno.EADDRINUSE: "org.freedesktop.DBus.Error.AddressInUse",
-        errno.EBADMSG: "org.freedesktop.DBus.Error.InconsistentMessage",
-    }
-    if code in special:
-        return special[code]
+    if code in _GENERIC_ERRNO_NAMES:
+        return _GENERIC_ERRNO_NAMES[code]
     return f"System.Error.{symbol}" if symbol else "org.freedesktop.DBus.Error.Failed"
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import stat
 from dataclasses import dataclass, field
 
 MAX_FILE = 64 * 1024
@@ -56,8 +57,6 @@ def read_file_in_root(root_fd: int, path: str, limit: int = MAX_FILE) -> str | N
             return None
         raise
     try:
-        import stat
-
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             return None
         data = os.read(fd, limit + 1)

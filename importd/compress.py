@@ -231,8 +231,9 @@ def _decode_error(kind: Compression, e: BaseException) -> TransferError:
     return TransferError(f"Failed to decompress {kind} data: {e}")
 
 
-class _ZlibMember:
-    """zlib-style objects: decompress(data, max_length), unconsumed_tail."""
+class _Member:
+    """One member's decoder; subclasses differ in how the object reports
+    that it wants more input."""
 
     def __init__(self, obj: Any, kind: Compression, errors: tuple[type[BaseException], ...]) -> None:
         self.obj = obj
@@ -240,6 +241,10 @@ class _ZlibMember:
         self.errors = errors
         self.eof = False
         self.unused_data = b""
+
+
+class _ZlibMember(_Member):
+    """zlib-style objects: decompress(data, max_length), unconsumed_tail."""
 
     def feed(self, data: bytes, limit: int) -> Iterator[bytes]:
         obj = self.obj
@@ -261,15 +266,8 @@ class _ZlibMember:
                 return
 
 
-class _NeedsInputMember:
+class _NeedsInputMember(_Member):
     """bz2/lzma-style objects: decompress(data, max_length), needs_input."""
-
-    def __init__(self, obj: Any, kind: Compression, errors: tuple[type[BaseException], ...]) -> None:
-        self.obj = obj
-        self.kind = kind
-        self.errors = errors
-        self.eof = False
-        self.unused_data = b""
 
     def feed(self, data: bytes, limit: int) -> Iterator[bytes]:
         obj = self.obj

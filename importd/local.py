@@ -67,7 +67,8 @@ def _input_size(fd: int) -> int | None:
     return st.st_size if stat.S_ISREG(st.st_mode) else None
 
 
-def _size_limit(pool: Pool, max_size: int) -> int:
+def size_limit(pool: Pool, max_size: int) -> int:
+    """What an import may write: the cap, or the pool's free space if less."""
     st = os.statvfs(pool.path)
     return min(max_size, st.f_bavail * st.f_frsize)
 
@@ -93,25 +94,32 @@ def import_tar(ctx: JobContext, fd: int, pool: Pool, name: str, force: bool, rea
         with image_name_lock(name):
             tmp = ops.temp_name(pool.path, name)
             ops.make_tree_dir(tmp)
-            unpacker = None
             try:
-                unpacker = tarball.TarUnpacker(tmp, ctx)
-                progress = ProgressLogger(ctx, "Imported")
-                size = _input_size(fd)
-                sub = ctx.derive(progress)
-                for chunk in compress.decompressed_chunks(fd, sub, size=size, max_output=_size_limit(pool, max_size)):
-                    unpacker.write(chunk)
-                unpacker.finish()
-                unpacker = None
-                tarball.mangle_os_tree(tmp)
+                sub = ctx.derive(ProgressLogger(ctx, "Imported"))
+                unpack_tar(sub, fd, tmp, size_limit(pool, max_size), size=_input_size(fd))
                 _check_target(pool, name, force)
                 ops.install_image(tmp, os.path.join(pool.path, name), force=force, read_only=read_only)
             except BaseException:
-                if unpacker is not None:
-                    unpacker.abort()
                 ops.remove_path(tmp)
                 raise
     _finish(ctx)
+
+
+def unpack_tar(ctx: JobContext, fd: int, directory: str, limit: int, size: int | None = None) -> int:
+    """Unpack the (compressed) tarball read from FD into DIRECTORY, which
+    exists and is empty; returns the size of the tar stream."""
+    unpacker = tarball.TarUnpacker(directory, ctx)
+    total = 0
+    try:
+        for chunk in compress.decompressed_chunks(fd, ctx, size=size, max_output=limit):
+            total += len(chunk)
+            unpacker.write(chunk)
+        unpacker.finish()
+    except BaseException:
+        unpacker.abort()
+        raise
+    tarball.mangle_os_tree(directory)
+    return total
 
 
 def import_raw(ctx: JobContext, fd: int, pool: Pool, name: str, force: bool, read_only: bool,
@@ -119,43 +127,42 @@ def import_raw(ctx: JobContext, fd: int, pool: Pool, name: str, force: bool, rea
     _check_target(pool, name, force)
     ctx.log(f"Importing '{fd_path(fd)}', saving as '{name}'.")
     with exiting_on_failure(ctx):
-        limit = _size_limit(pool, max_size)
+        limit = size_limit(pool, max_size)
         with image_name_lock(name):
             tmp = ops.temp_name(pool.path, name + ".raw")
-            tmp_qcow = None
             try:
-                if _input_size(fd) is not None and qcow2.is_qcow2(os.pread(fd, QCOW2_HEAD, 0)):
-                    # An uncompressed qcow2 file: convert straight from it.
-                    size = convert_qcow2(ctx, fd, tmp, limit)
-                    ctx.log(f"Wrote {format_bytes(size)}.")
-                    _check_target(pool, name, force)
-                    ops.install_image(tmp, os.path.join(pool.path, name + ".raw"), force=force,
-                                      read_only=read_only)
-                    return _finish(ctx)
-                out = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-                try:
-                    size = write_raw(ctx, fd, out, limit)
-                    if size is None:
-                        # qcow2 needs random access: convert the downloaded copy.
-                        tmp_qcow = tmp + ".qcow2"
-                        os.rename(tmp, tmp_qcow)
-                        size = convert_qcow2(ctx, out, tmp, limit)
-                    ctx.log(f"Wrote {format_bytes(size)}.")
-                finally:
-                    os.close(out)
+                size = write_image(ctx, fd, tmp, limit)
+                ctx.log(f"Wrote {format_bytes(size)}.")
                 _check_target(pool, name, force)
                 ops.install_image(tmp, os.path.join(pool.path, name + ".raw"), force=force, read_only=read_only)
             except BaseException:
-                for path in (tmp, tmp_qcow):
-                    if path:
-                        with contextlib.suppress(FileNotFoundError):
-                            os.unlink(path)
+                ops.remove_path(tmp)
                 raise
-            finally:
-                if tmp_qcow:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(tmp_qcow)
     _finish(ctx)
+
+
+def write_image(ctx: JobContext, fd: int, path: str, limit: int) -> int:
+    """The raw image read from FD (compressed, qcow2 or plain), written
+    sparse to the new file PATH; returns its size."""
+    if _input_size(fd) is not None and qcow2.is_qcow2(os.pread(fd, QCOW2_HEAD, 0)):
+        # An uncompressed qcow2 file: convert straight from it.
+        return convert_qcow2(ctx, fd, path, limit)
+    out = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        size = write_raw(ctx, fd, out, limit)
+        return size if size is not None else convert_qcow2_in_place(ctx, out, path, limit)
+    finally:
+        os.close(out)
+
+
+def convert_qcow2_in_place(ctx: JobContext, qcow_fd: int, path: str, limit: int) -> int:
+    """PATH holds a qcow2 file, open as QCOW_FD (qcow2 needs random access, so
+    a stream is written out first): replace it by the raw image."""
+    os.rename(path, path + ".qcow2")
+    try:
+        return convert_qcow2(ctx, qcow_fd, path, limit)
+    finally:
+        ops.remove_path(path + ".qcow2")
 
 
 def write_raw(ctx: JobContext, fd: int, out: int, limit: int) -> int | None:

@@ -22,6 +22,7 @@ every failure or cancel removes what was written.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import threading
@@ -29,14 +30,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from imagepool import fsutil, ops
+from imagepool import btrfs, fsutil, ops
 from imagepool.errors import InvalidArgs
 from imagepool.image import Pool
 from imagepool.locks import image_name_lock
-from importd import compress, qcow2, sparse, tarball, verify
+from imagepool.names import image_name_is_valid
+from importd import compress, qcow2, sparse, verify
 from importd.context import Canceled, JobContext, TransferError, exiting_on_failure
 from importd.http import Download, Http, HttpError, HttpOptions, format_bytes, valid_etag
-from importd.local import DEFAULT_MAX_IMAGE_SIZE, convert_qcow2, write_raw
+from importd.local import DEFAULT_MAX_IMAGE_SIZE, convert_qcow2_in_place, size_limit, unpack_tar, write_image
 
 SIDECARS_RAW = (
     (".nspawn", "Settings file"),
@@ -170,8 +172,6 @@ def cached_etags(pool: Pool, kind: str, url: str) -> list[str]:
 
 def local_name_from_url(url: str, kind: str) -> str:
     """The image name systemd-pull derives when none is given."""
-    from imagepool.names import image_name_is_valid
-
     name = strip_suffixes(last_component(url), kind)
     if not name or not image_name_is_valid(name):
         raise TransferError(f"Cannot use '{name}' as local image name, refusing.")
@@ -253,8 +253,7 @@ def _fetch_signature(http: Http, url: str) -> bytes:
 def _download(ctx: JobContext, http: Http, req: PullRequest, pool: Pool,
               progress: Callable[[float], None]) -> tuple[_Cache, Download]:
     etags = cached_etags(pool, req.kind, req.url)
-    st = os.statvfs(pool.path)
-    limit = min(req.max_size, st.f_bavail * st.f_frsize)
+    limit = size_limit(pool, req.max_size)
     if req.kind == "tar":
         tmp = os.path.join(pool.path, f".#tar{os.urandom(8).hex()}")
     else:
@@ -307,11 +306,7 @@ class _DirectRaw:
         try:
             if not self.qcow:
                 return self.writer.finish()
-            os.rename(tmp, tmp + ".qcow2")
-            try:
-                return convert_qcow2(ctx, self.out, tmp, limit)
-            finally:
-                ops.remove_path(tmp + ".qcow2")
+            return convert_qcow2_in_place(ctx, self.out, tmp, limit)
         finally:
             self.close()
 
@@ -327,8 +322,6 @@ def _stream_into(ctx: JobContext, http: Http, req: PullRequest, tmp: str, etags:
     pipe to this thread, which unpacks it, so both overlap."""
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
     with contextlib.suppress(OSError):
-        import fcntl
-
         fcntl.fcntl(write_fd, 1031, 1 << 20)  # F_SETPIPE_SZ
     started = threading.Event()
     result: dict[str, object] = {}
@@ -403,33 +396,13 @@ def _stream_into(ctx: JobContext, http: Http, req: PullRequest, tmp: str, etags:
 
 
 def _unpack(ctx: JobContext, req: PullRequest, read_fd: int, tmp: str, limit: int) -> int:
-    """Consume the downloaded stream: returns the size of the unpacked data."""
+    """Consume the downloaded stream: returns the size of the unpacked data.
+    Progress comes from the download, not from here."""
+    quiet = ctx.derive(lambda f: None)
     if req.kind == "tar":
         ops.make_tree_dir(tmp)
-        unpacker = tarball.TarUnpacker(tmp, ctx)
-        total = 0
-        try:
-            for chunk in compress.decompressed_chunks(read_fd, ctx.derive(lambda f: None), max_output=limit):
-                total += len(chunk)
-                unpacker.write(chunk)
-            unpacker.finish()
-        except BaseException:
-            unpacker.abort()
-            raise
-        tarball.mangle_os_tree(tmp)
-        return total
-    out = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-    try:
-        size = write_raw(ctx.derive(lambda f: None), read_fd, out, limit)
-        if size is None:
-            os.rename(tmp, tmp + ".qcow2")
-            try:
-                size = convert_qcow2(ctx, out, tmp, limit)
-            finally:
-                ops.remove_path(tmp + ".qcow2")
-        return size
-    finally:
-        os.close(out)
+        return unpack_tar(quiet, read_fd, tmp, limit)
+    return write_image(quiet, read_fd, tmp, limit)
 
 
 def _fetch_sidecars(http: Http, req: PullRequest, sums: bytes | None) -> dict[str, bytes]:
@@ -512,8 +485,6 @@ def _make_local(ctx: JobContext, req: PullRequest, pool: Pool, cache: _Cache, si
 
 def _writable_top(path: str) -> None:
     """A snapshot of the read-only cache is read-only too: make it writable."""
-    from imagepool import btrfs
-
     if btrfs.is_subvolume(path):
         if btrfs.get_read_only(path):
             btrfs.set_read_only(path, False)
@@ -542,8 +513,6 @@ def _write_file(path: str, data: bytes, mode: int, replace: bool) -> None:
 
 def check_request(url: str, local: str, verify_mode: str) -> verify.VerifyMode:
     """Argument checks of PullTar/PullRaw, in systemd's order."""
-    from imagepool.names import image_name_is_valid
-
     if not url_is_valid(url):
         raise InvalidArgs(f"URL {url} is invalid")
     if local and not image_name_is_valid(local):

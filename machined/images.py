@@ -7,18 +7,16 @@ import asyncio
 import functools
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from imagepool import ops
 from imagepool.errors import InvalidArgs, LimitsExceeded, NoSuchImage
-from imagepool.image import Image, Pool
+from imagepool.image import Image, ImageType, Pool
 from imagepool.inotify import DirectoryWatch
 from imagepool.metadata import ImageMetadata, read_tree_metadata
 from imagepool.names import bus_label_escape, image_name_is_valid
-from imagepool.image import ImageType
-
-if TYPE_CHECKING:
-    from machined.image_dbus import ImageObject
+from imagepool.rawmeta import read_raw_metadata
+from machined.image_dbus import ImageObject
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +106,6 @@ class ImageManager:
         return images
 
     def _export(self, image: Image) -> None:
-        from machined.image_dbus import ImageObject
-
         obj = self.objects.get(image.name)
         if obj is None:
             obj = ImageObject(self, image)
@@ -157,8 +153,6 @@ class ImageManager:
         await self.run(ops.set_pool_limit, self.pool, limit)
 
     async def clean(self, mode: str) -> list[tuple[str, int]]:
-        if mode not in ("hidden", "all"):
-            raise InvalidArgs(f"Unknown mode '{mode}'.")
         removed = await self.run(ops.clean_pool, self.pool, mode)
         for name, _ in removed:
             self._unexport(name)
@@ -171,6 +165,4 @@ class ImageManager:
 def read_metadata(image: Image) -> ImageMetadata:
     if image.type in (ImageType.DIRECTORY, ImageType.SUBVOLUME):
         return read_tree_metadata(image.path)
-    from imagepool.rawmeta import read_raw_metadata
-
     return read_raw_metadata(image.path)

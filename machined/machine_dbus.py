@@ -19,8 +19,9 @@ from sdbus import (
 )
 
 from imagepool.bus import UNPRIVILEGED, require_root, translated
-from imagepool.errors import InvalidArgs, NotSupported
-from machined.machine import Machine, MachineClass
+from imagepool.errors import InvalidArgs
+from machined import machine_ops
+from machined.machine import Machine
 
 if TYPE_CHECKING:
     from sdbus.dbus_common_elements import DbusExportHandle
@@ -175,17 +176,6 @@ class MachineObject(DbusInterfaceCommonAsync, interface_name="org.freedesktop.ma
 # --- one implementation per operation, for the Machine object and the Manager ------
 
 
-def _ops():
-    from machined import machine_ops
-
-    return machine_ops
-
-
-def _container_or_host(m: Machine, message: str) -> None:
-    if m.machine_class == MachineClass.VM:
-        raise NotSupported(message)
-
-
 async def terminate(manager: MachineManager, m: Machine) -> None:
     await require_root()
     await manager.terminate(m)
@@ -201,31 +191,31 @@ async def kill(manager: MachineManager, m: Machine, whom: str, signo: int) -> No
 
 
 async def get_addresses(manager: MachineManager, m: Machine) -> list[tuple[int, bytes]]:
-    return await manager.run(_ops().get_addresses, m)
+    return await manager.run(machine_ops.get_addresses, m)
 
 
 async def get_os_release(manager: MachineManager, m: Machine) -> dict[str, str]:
-    return await manager.run(_ops().get_os_release, m)
+    return await manager.run(machine_ops.get_os_release, m)
 
 
 async def get_uid_shift(manager: MachineManager, m: Machine) -> int:
-    return await manager.run(_ops().get_uid_shift, m)
+    return await manager.run(machine_ops.get_uid_shift, m)
 
 
 async def open_pty(manager: MachineManager, m: Machine) -> tuple[int, str]:
     await require_root()
-    return await _returning_fd(manager.run(_ops().open_pty, m))
+    return await _returning_fd(manager.run(machine_ops.open_pty, m))
 
 
 async def open_login(manager: MachineManager, m: Machine) -> tuple[int, str]:
     await require_root()
-    return await _returning_fd(manager.run(_ops().open_login, m))
+    return await _returning_fd(manager.run(machine_ops.open_login, m))
 
 
 async def open_shell(manager: MachineManager, m: Machine, user: str, path: str, args: list[str],
                      env: list[str]) -> tuple[int, str]:
     await require_root()
-    return await _returning_fd(manager.run(_ops().open_shell, m, user, path, args, env))
+    return await _returning_fd(manager.run(machine_ops.open_shell, m, user, path, args, env))
 
 
 async def _returning_fd(call) -> tuple[int, str]:
@@ -238,7 +228,7 @@ async def _returning_fd(call) -> tuple[int, str]:
 async def bind_mount(manager: MachineManager, m: Machine, source: str, destination: str, read_only: bool,
                      mkdir: bool) -> None:
     await require_root()
-    await manager.run(_ops().bind_mount, m, source, destination, read_only, mkdir)
+    await manager.run(machine_ops.bind_mount, m, source, destination, read_only, mkdir)
 
 
 async def copy(manager: MachineManager, m: Machine, source: str, destination: str, flags: int,
@@ -246,12 +236,12 @@ async def copy(manager: MachineManager, m: Machine, source: str, destination: st
     await require_root()
     if flags & ~COPY_REPLACE:
         raise InvalidArgs("Invalid flags parameter")
-    func = _ops().copy_to if to_machine else _ops().copy_from
+    func = machine_ops.copy_to if to_machine else machine_ops.copy_from
     await manager.run(func, m, source, destination or source, bool(flags & COPY_REPLACE), copies=True)
 
 
 async def open_root_directory(manager: MachineManager, m: Machine) -> int:
     await require_root()
-    fd = await manager.run(_ops().open_root_directory, m)
+    fd = await manager.run(machine_ops.open_root_directory, m)
     asyncio.get_running_loop().call_soon(os.close, fd)
     return fd

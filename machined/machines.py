@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from imagepool.errors import Errno, InvalidArgs, LimitsExceeded
-from machined import systemd1
+from machined import machine_ops, systemd1
 from machined.machine import (
     Machine,
     MachineClass,
@@ -211,8 +211,6 @@ class MachineManager:
     async def terminate(self, machine: Machine) -> None:
         if machine.is_host:
             raise Errno(errno.EPERM)
-        from machined import machine_ops
-
         if machine in self.scoped and await self.systemd.has_owner():
             job = await self.systemd.stop_unit(machine.unit, "fail")
             log.debug("Stopping %s of machine %s, job %s.", machine.unit, machine.name, job)
@@ -224,8 +222,6 @@ class MachineManager:
     async def kill(self, machine: Machine, whom: str, signo: int) -> None:
         """KillMachine: whom=all of a machine in a scope of systemd's is
         systemd's business (KillUnit); the rest we signal ourselves."""
-        from machined import machine_ops
-
         if whom in ("", "all") and machine in self.scoped and await self.systemd.has_owner():
             await self.systemd.kill_unit(machine.unit, "all", signo)
             return

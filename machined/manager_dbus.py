@@ -10,7 +10,7 @@ from sdbus import DbusInterfaceCommonAsync, dbus_method_async, dbus_property_asy
 from imagepool import ops
 from imagepool.bus import UNPRIVILEGED, caller_pid, require_root, translated
 from imagepool.errors import InvalidArgs
-from machined import image_dbus, machine_dbus
+from machined import image_dbus, machine_dbus, machine_ops
 from machined.images import ImageManager, image_object_path
 from machined.machines import MachineManager
 
@@ -229,24 +229,18 @@ class ManagerObject(DbusInterfaceCommonAsync, interface_name="org.freedesktop.ma
                        input_args_names=["name", "uid_inner"], result_args_names=["uid_outer"])
     @translated
     async def map_from_machine_user(self, name: str, uid: int) -> int:
-        from machined import machine_ops
-
         return await self.machines.run(machine_ops.map_from_machine_user, self.machines.get(name), uid)
 
     @dbus_method_async("su", "u", flags=UNPRIVILEGED, method_name="MapFromMachineGroup",
                        input_args_names=["name", "gid_inner"], result_args_names=["gid_outer"])
     @translated
     async def map_from_machine_group(self, name: str, gid: int) -> int:
-        from machined import machine_ops
-
         return await self.machines.run(machine_ops.map_from_machine_group, self.machines.get(name), gid)
 
     @dbus_method_async("u", "sou", flags=UNPRIVILEGED, method_name="MapToMachineUser",
                        input_args_names=["uid_outer"], result_args_names=["machine_name", "machine_path", "uid_inner"])
     @translated
     async def map_to_machine_user(self, uid: int) -> tuple[str, str, int]:
-        from machined import machine_ops
-
         machine, inner = await self.machines.run(machine_ops.map_to_machine_user, list(self.machines.registry), uid)
         return machine.name, machine.object_path, inner
 
@@ -254,8 +248,6 @@ class ManagerObject(DbusInterfaceCommonAsync, interface_name="org.freedesktop.ma
                        input_args_names=["gid_outer"], result_args_names=["machine_name", "machine_path", "gid_inner"])
     @translated
     async def map_to_machine_group(self, gid: int) -> tuple[str, str, int]:
-        from machined import machine_ops
-
         machine, inner = await self.machines.run(machine_ops.map_to_machine_group, list(self.machines.registry), gid)
         return machine.name, machine.object_path, inner
 
