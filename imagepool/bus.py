@@ -3,6 +3,7 @@ become D-Bus errors, and caller credentials for authorization."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from collections.abc import Awaitable, Callable
@@ -10,7 +11,10 @@ from typing import Any, TypeVar
 
 import sdbus
 from sdbus import DbusFailedError, DbusInterfaceCommonAsync, dbus_method_async
-from sdbus.sd_bus_internals import DBUS_ERROR_TO_EXCEPTION
+from sdbus.dbus_exceptions import DbusUnknownObjectError
+from sdbus.dbus_proxy_async_method import DbusMethodAsync
+from sdbus.dbus_proxy_async_property import DbusPropertyAsync
+from sdbus.sd_bus_internals import DBUS_ERROR_TO_EXCEPTION, SdBusInterface, SdBusMessage
 
 from imagepool.errors import AccessDenied, PoolError, errno_dbus_name
 
@@ -97,6 +101,97 @@ async def caller_pid() -> int:
     if sender is None:
         raise AccessDenied("Access denied")
     return await _daemon().get_connection_unix_process_id(sender)
+
+
+_blocking_bus: sdbus.SdBus | None = None
+
+
+def peer_pid_blocking(name: str) -> int:
+    """GetConnectionUnixProcessID for code that can't await (property getters),
+    over a connection of its own; 0 when the peer is gone."""
+    global _blocking_bus
+    if _blocking_bus is None:
+        _blocking_bus = sdbus.sd_bus_open_system()
+    message = _blocking_bus.new_method_call_message(
+        "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus", "GetConnectionUnixProcessID")
+    message.append_data("s", name)
+    try:
+        return int(_blocking_bus.call(message).get_contents())
+    except DbusFailedError:
+        return 0
+
+
+def export_per_caller(path: str, interface_name: str, cls: type[DbusInterfaceCommonAsync],
+                      find: Callable[[int], DbusInterfaceCommonAsync | None]) -> SdBusInterface:
+    """Serve PATH as whichever exported CLS object FIND(caller's PID) returns.
+
+    This is sd-bus's object-find callback (machined's ``machine/self``), which
+    sdbus does not offer: the interface is built from CLS's members, property
+    getters learn the caller from the reply's destination and method calls are
+    handed to the found object. A caller FIND has no object for gets systemd's
+    UnknownObject error. Keep the returned interface: dropping it unexports PATH."""
+    bus = sdbus.get_default_bus()
+    loop = asyncio.get_running_loop()
+    tasks: set[asyncio.Task] = set()
+
+    def unknown() -> DbusUnknownObjectError:
+        return DbusUnknownObjectError(f"Unknown object '{path}'.")
+
+    def property_getter(prop: DbusPropertyAsync) -> Callable[[SdBusMessage], None]:
+        def get(reply: SdBusMessage) -> None:
+            target = find(peer_pid_blocking(reply.destination or ""))
+            if target is None:
+                # sdbus replies with the exception's error name but then stops
+                # processing the queue: start it again, and keep the log quiet.
+                loop.call_soon(bus.process)
+                raise unknown()
+            reply.append_data(prop.property_signature, prop.property_getter(target))
+        return get
+
+    def method_call(attr: str) -> Callable[[SdBusMessage], None]:
+        async def dispatch(message: SdBusMessage) -> None:
+            try:
+                pid = await _daemon().get_connection_unix_process_id(message.sender or "")
+            except DbusFailedError:
+                pid = 0
+            target = find(pid)
+            if target is not None:
+                getattr(target, attr)._dbus_reply_call(message)
+            elif message.expect_reply:
+                error = unknown()
+                message.create_error_reply(error.dbus_error_name, str(error)).send()
+
+        def call(message: SdBusMessage) -> None:
+            task = loop.create_task(dispatch(message))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        return call
+
+    interface = SdBusInterface()
+    members = {}
+    for klass in reversed(cls.__mro__):
+        members.update(vars(klass))
+    for attr, member in members.items():
+        if isinstance(member, DbusPropertyAsync):
+            interface.add_property(member.property_name, member.property_signature, property_getter(member), None,
+                                   member.flags)
+        elif isinstance(member, DbusMethodAsync):
+            interface.add_method(member.method_name, member.input_signature, member.input_args_names,
+                                 member.result_signature, member.result_args_names, member.flags, method_call(attr))
+    bus.add_interface(interface, path, interface_name)
+
+    default_handler = loop.get_exception_handler()
+
+    def quiet(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if isinstance(context.get("exception"), DbusUnknownObjectError):
+            return
+        if default_handler:
+            default_handler(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    loop.set_exception_handler(quiet)
+    return interface
 
 
 async def require_root() -> None:

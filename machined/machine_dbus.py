@@ -18,20 +18,23 @@ from sdbus import (
     dbus_property_async,
 )
 
-from imagepool.bus import UNPRIVILEGED, require_root, translated
+from imagepool.bus import UNPRIVILEGED, export_per_caller, require_root, translated
 from imagepool.errors import InvalidArgs
 from machined import machine_ops
 from machined.machine import Machine
 
 if TYPE_CHECKING:
     from sdbus.dbus_common_elements import DbusExportHandle
+    from sdbus.sd_bus_internals import SdBusInterface
 
     from machined.machines import MachineManager
 
 COPY_REPLACE = 1
+INTERFACE = "org.freedesktop.machine1.Machine"
+SELF_PATH = "/org/freedesktop/machine1/machine/self"
 
 
-class MachineObject(DbusInterfaceCommonAsync, interface_name="org.freedesktop.machine1.Machine"):
+class MachineObject(DbusInterfaceCommonAsync, interface_name=INTERFACE):
     def __init__(self, manager: MachineManager, machine: Machine) -> None:
         super().__init__()
         self.manager = manager
@@ -171,6 +174,16 @@ class MachineObject(DbusInterfaceCommonAsync, interface_name="org.freedesktop.ma
     @translated
     async def open_root_directory(self) -> int:
         return await open_root_directory(self.manager, self.machine)
+
+
+def export_self(manager: MachineManager) -> SdBusInterface:
+    """``machine/self``: the Machine object of the machine the caller runs in."""
+
+    def find(pid: int) -> MachineObject | None:
+        machine = manager.registry.by_pid(pid) if pid > 1 else None
+        return manager.objects.get(machine.name) if machine else None
+
+    return export_per_caller(SELF_PATH, INTERFACE, MachineObject, find)
 
 
 # --- one implementation per operation, for the Machine object and the Manager ------

@@ -7,7 +7,7 @@ import asyncio
 import errno
 import logging
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from imagepool.errors import Errno, InvalidArgs, LimitsExceeded
 from machined import machine_ops, systemd1
@@ -27,7 +27,10 @@ from machined.machine import (
     process_unit,
     unit_name_escape,
 )
-from machined.machine_dbus import MachineObject
+from machined.machine_dbus import MachineObject, export_self
+
+if TYPE_CHECKING:
+    from sdbus.sd_bus_internals import SdBusInterface
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +66,7 @@ class MachineManager:
         # Names (→ leaders) being created while systemd starts their scope.
         self.pending: dict[str, int] = {}
         self.objects: dict[str, MachineObject] = {}
+        self.self_object: SdBusInterface | None = None
         self.operations = 0
         self.copies = 0
         self.on_new: Callable[[Machine], None] | None = None
@@ -73,6 +77,7 @@ class MachineManager:
     def start(self) -> None:
         """Export .host and whatever the state files say still runs."""
         self.registry.load()
+        self.self_object = export_self(self)
         for machine in self.registry:
             self._export(machine)
             # A scope named like ours without a cgroup of our own: systemd made it.

@@ -224,6 +224,47 @@ def test_create_machine_and_signals(pool: Pool, machined_only: Daemons) -> None:
     assert "MachineNew" in out and "MachineRemoved" in out
 
 
+SELF = ("org.freedesktop.machine1", "/org/freedesktop/machine1/machine/self", "org.freedesktop.machine1.Machine")
+
+
+@pytest.mark.parametrize("pool", ["plain"], indirect=True)
+def test_machine_self(pool: Pool, machined_only: Daemons) -> None:
+    """machine/self answers for the machine of the calling process: its
+    leader, or a descendant of it; anybody else gets UnknownObject."""
+    bus = "busctl --system"
+    script = (f"read x; {bus} get-property {' '.join(SELF)} Name; {bus} call {' '.join(SELF)} GetUIDShift; "
+              f"{bus} call {SELF[0]} {SELF[1]} org.freedesktop.DBus.Properties GetAll s {SELF[2]}; "
+              f"exec {bus} get-property {' '.join(SELF)} Leader Class")
+    leader = subprocess.Popen(["sh", "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        r = busctl("call", *MANAGER, "RegisterMachine", "sayssus", "selfie", "0", "svc", "container",
+                   str(leader.pid), "")
+        assert r.returncode == 0, r.stderr
+        out, err = leader.communicate("\n", timeout=60)
+        assert leader.returncode == 0, err
+        lines = out.splitlines()
+        assert lines[0] == 's "selfie"'  # from a child of the leader
+        assert lines[1] == "u 0"
+        assert '"Name" s "selfie"' in lines[2] and f'"Leader" u {leader.pid}' in lines[2]
+        assert lines[3:] == [f"u {leader.pid}", 's "container"']  # from the leader itself
+    finally:
+        leader.kill()
+        leader.wait()
+    # The test process is in no machine; failed getters must not stall the bus.
+    for _ in range(3):
+        r = busctl("get-property", *SELF, "Name")
+        assert r.returncode != 0
+    r = busctl("call", *SELF, "GetUIDShift")
+    assert r.returncode != 0 and "Unknown object '/org/freedesktop/machine1/machine/self'." in r.stderr
+    r = subprocess.run(["dbus-send", "--system", "--print-reply", f"--dest={SELF[0]}", SELF[1],
+                        "org.freedesktop.DBus.Properties.Get", f"string:{SELF[2]}", "string:Name"],
+                       capture_output=True, text=True, timeout=60)
+    assert "org.freedesktop.DBus.Error.UnknownObject" in r.stderr
+    r = busctl("call", *MANAGER, "ListMachines")
+    assert r.returncode == 0 and '".host"' in r.stdout
+
+
 def leader_of(name: str) -> int:
     return int(show(name, "Leader"))
 
