@@ -16,7 +16,9 @@ and memory by a few batches of at most ``_CHUNK`` of the disk (one L2 table
 and one small read-ahead window besides).  Any malformed image gives a
 ``Qcow2Error``.  The output is written sparsely: unallocated, zero-flagged
 and all-zero clusters are never written, and the file is truncated to the
-virtual size at the end.
+virtual size at the end.  Where the file system can share blocks between the
+two files (btrfs, XFS; a download and its image are in the same pool), the
+uncompressed clusters are cloned (FICLONERANGE) instead of copied.
 
 Blocking code: importd runs ``convert_to_raw`` in a worker thread.  It uses a
 few threads of its own for zero detection, decompression and writing, and
@@ -37,6 +39,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from imagepool.errors import PoolError
+from importd.sparse import clone_range
 
 try:  # ISA-L's inflate: the same results as zlib's, about twice as fast
     from isal import isal_zlib as _inflate_module
@@ -283,6 +286,7 @@ class _Converter:
         self.l2_cover = cs * self.l2_entries
         self.zero_cluster = bytes(cs)
         self.chunk_size = max(_CHUNK, cs)
+        self.clone_block = _clone_block(src_fd, dst_fd, cs)
         # Non-compressed entries extend a run only when these bits are exactly
         # the next host offset: not compressed, not zero-flagged.
         self.run_mask = _OFFSET_MASK | _OFLAG_COMPRESSED | _OFLAG_ZERO
@@ -305,10 +309,11 @@ class _Converter:
             self.decompress = self.inflate
 
         # The batch being filled: clusters read into a buffer (as segments
-        # (position in buffer, virtual offset, length)), or compressed data.
+        # (position in buffer, virtual offset, length, offset in the image)),
+        # or compressed data.
         self.buf: bytearray | None = None
         self.used = 0
-        self.segments: list[tuple[int, int, int]] = []
+        self.segments: list[tuple[int, int, int, int]] = []
         self.compressed: list[tuple[int, memoryview]] = []
         self.compressed_max = self.chunk_size // cs
 
@@ -463,13 +468,13 @@ class _Converter:
         view.release()
         segments = self.segments
         if segments:
-            pos, start, seg_length = segments[-1]
-            if pos + seg_length == used and start + seg_length == virtual:
-                segments[-1] = (pos, start, seg_length + length)
+            pos, start, seg_length, source = segments[-1]
+            if pos + seg_length == used and start + seg_length == virtual and source + seg_length == offset:
+                segments[-1] = (pos, start, seg_length + length, source)
             else:
-                segments.append((used, virtual, length))
+                segments.append((used, virtual, length, offset))
         else:
-            segments.append((used, virtual, length))
+            segments.append((used, virtual, length, offset))
         self.used = used + length
         if self.used + self.cs > len(buf):
             self.flush_data()
@@ -511,13 +516,13 @@ class _Converter:
             parts = kept
         _write_all(self.dst_fd, parts, virtual)
 
-    def write_data(self, buf: bytearray, segments: list[tuple[int, int, int]]) -> None:
-        """Write the non-zero clusters of a batch of read clusters."""
+    def write_data(self, buf: bytearray, segments: list[tuple[int, int, int, int]]) -> None:
+        """Write (or clone) the non-zero clusters of a batch of read clusters."""
         try:
             cs = self.cs
             zero = self.zero_cluster
             view = memoryview(buf)
-            for pos, virtual, length in segments:
+            for pos, virtual, length, source in segments:
                 end = pos + length
                 a = pos
                 while a < end:
@@ -528,11 +533,22 @@ class _Converter:
                     b = a + cs
                     while b < end and not buf.startswith(zero, b):
                         b += cs
-                    self.emit(virtual + (a - pos), [view[a:b]])
+                    self.put(virtual + (a - pos), view[a:b], source + (a - pos))
                     a = b
             view.release()
         finally:
             self.free.append(buf)
+
+    def put(self, virtual: int, data: memoryview, source: int) -> None:
+        """Clusters read from ``source`` in the image go to ``virtual``."""
+        block = self.clone_block
+        if block:
+            length = min(len(data), self.size - virtual)
+            if length % block == 0 and source + length <= self.file_size:
+                if clone_range(self.fd, source, length, self.dst_fd, virtual):
+                    return
+                self.clone_block = 0  # not on this file system after all
+        self.emit(virtual, [data])
 
     def write_compressed(self, items: list[tuple[int, memoryview]]) -> None:
         """Decompress a batch of compressed clusters, write the non-zero ones."""
@@ -602,6 +618,15 @@ class _Converter:
             if remaining:
                 pos += _zstd_frame_length(frame)
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+
+def _clone_block(src_fd: int, dst_fd: int, cluster_size: int) -> int:
+    """The block size clones between the two files must be aligned to, or 0
+    when they can't be shared (different file systems, small clusters)."""
+    if os.fstat(src_fd).st_dev != os.fstat(dst_fd).st_dev:
+        return 0
+    block = os.fstatvfs(dst_fd).f_bsize
+    return block if block and cluster_size % block == 0 else 0
 
 
 def convert_to_raw(

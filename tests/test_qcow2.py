@@ -200,6 +200,42 @@ def test_convert_matches_qemu_img(variant: str, source: Source, images: dict[str
             assert _is_hole(ours, start, end), (start, end)
 
 
+def _shared_bytes(path: Path) -> int:
+    """Bytes of PATH in extents shared with another file (filefrag's FIEMAP)."""
+    out = subprocess.run(["filefrag", "-v", "-b1", str(path)], capture_output=True, text=True, check=True).stdout
+    shared = 0
+    for line in out.splitlines():
+        fields = line.replace(":", " ").replace("..", " ").split()
+        if fields and fields[0].isdigit() and "shared" in line:
+            shared += int(fields[5])
+    return shared
+
+
+@pytest.mark.parametrize("variant", ["v3", "v3-allocated-zeros", "cluster-4k", "cluster-2M", "cluster-512-zlib"])
+def test_convert_clones_on_btrfs(variant: str, source: Source, images: dict[str, Path], btrfs_mount: Path) -> None:
+    """On a file system with reflinks the uncompressed clusters are shared with
+    the image, not copied; the result is the same disk, as sparse."""
+    image = btrfs_mount / "image.qcow2"
+    image.write_bytes(images[variant].read_bytes())
+    os.sync()
+    ours = btrfs_mount / "ours.raw"
+    assert _convert(image, ours) == SIZE
+    assert _sha256(ours) == source.sha256
+    cs = 1 << struct.unpack_from(">I", image.read_bytes(), 20)[0]
+    assert _allocated(ours) <= source.allocation_bound(cs)
+    for start, end in HOLES:
+        start, end = -(-start // cs) * cs, end // cs * cs
+        if start < end:
+            assert _is_hole(ours, start, end), (start, end)
+    shared = _shared_bytes(ours)
+    if variant == "cluster-512-zlib":
+        assert shared == 0  # compressed clusters are written
+    else:
+        assert shared >= _allocated(ours) - MiB, (shared, _allocated(ours))
+    image.unlink()
+    assert _sha256(ours) == source.sha256
+
+
 def test_zero_flag(source: Source, images: dict[str, Path], tmp_path: Path) -> None:
     """v3 'reads as zero' entries that still point at the old (non-zero) data."""
     image = tmp_path / "zeroed.qcow2"
