@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import errno
 import logging
 import os
 import re
@@ -19,7 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from imagepool.errors import InvalidArgs, PoolError
+from imagepool.errors import Errno, InvalidArgs, PoolError
 from imagepool.metadata import parse_env_file
 from imagepool.names import bus_label_escape, hostname_is_valid
 
@@ -50,6 +51,15 @@ class NoSuchMachine(PoolError):
 
 class MachineExists(PoolError):
     dbus_name = "org.freedesktop.machine1.MachineExists"
+
+
+class NoSuchProcess(PoolError):
+    """What systemd answers for a scope of a process that is gone."""
+
+    dbus_name = "org.freedesktop.systemd1.NoSuchProcess"
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(f"Process {pid} is not alive.")
 
 
 class NoMachineForPID(PoolError):
@@ -144,7 +154,7 @@ def _quote(value: str) -> str:
 
 def check_machine_name(name: str) -> None:
     if not hostname_is_valid(name):
-        raise InvalidArgs("Invalid machine name parameter")
+        raise InvalidArgs("Invalid machine name")
 
 
 def check_machine_id(machine_id: bytes) -> None:
@@ -153,15 +163,25 @@ def check_machine_id(machine_id: bytes) -> None:
 
 
 def parse_class(text: str) -> MachineClass | None:
+    """A class name, or None for "" (which, like "host", can't be started)."""
     if text == "":
         return None
     try:
-        value = MachineClass(text)
+        return MachineClass(text)
     except ValueError:
         raise InvalidArgs("Invalid machine class parameter") from None
-    if value == MachineClass.HOST:
-        raise InvalidArgs("Invalid machine class parameter")
-    return value
+
+
+def check_startable(machine_class: MachineClass | None) -> MachineClass:
+    """machine_start(): only containers and VMs are registered."""
+    if machine_class not in (MachineClass.CONTAINER, MachineClass.VM):
+        raise Errno(errno.EOPNOTSUPP)
+    return machine_class
+
+
+def unit_lookup_failed(pid: int) -> Errno:
+    """RegisterMachine's error for a leader that is gone (cg_pid_get_unit)."""
+    return Errno(errno.ESRCH, f"Failed to determine unit of process {pid} : No such process")
 
 
 def pidfd_open(pid: int) -> int:
@@ -252,16 +272,18 @@ class MachineRegistry:
                     return m
         return None
 
+    def leader_taken(self, pid: int) -> bool:
+        return any(not m.is_host and m.leader == pid for m in self.machines.values())
+
     # --- adding and removing ----------------------------------------------------
 
     def add(self, machine: Machine) -> None:
         if machine.name in self.machines:
             raise MachineExists(f"Machine '{machine.name}' already exists")
         if machine.leader <= 1 or not process_alive(machine.leader):
-            raise InvalidArgs("Invalid leader PID")
-        for m in self.machines.values():
-            if not m.is_host and m.leader == machine.leader:
-                raise MachineExists(f"Leader PID {machine.leader} already belongs to machine '{m.name}'")
+            raise unit_lookup_failed(machine.leader)
+        if self.leader_taken(machine.leader):
+            raise Errno(errno.EEXIST)
         if not machine.timestamp:
             machine.timestamp, machine.timestamp_monotonic = now_usec()
         self._watch(machine)
@@ -284,7 +306,7 @@ class MachineRegistry:
                 if os.readlink(link) == machine.name:
                     os.unlink(link)
         if machine.cgroup:
-            _remove_cgroup(machine.cgroup)
+            remove_cgroup(machine.cgroup)
         log.info("Machine %s terminated.", machine.name)
         for cb in self.on_removed:
             cb(machine)
@@ -293,7 +315,7 @@ class MachineRegistry:
         try:
             machine.pidfd = pidfd_open(machine.leader)
         except OSError as e:
-            raise InvalidArgs("Invalid leader PID") from e
+            raise unit_lookup_failed(machine.leader) from e
         loop = asyncio.get_running_loop()
         loop.add_reader(machine.pidfd, self._leader_exited, machine)
 
@@ -416,7 +438,7 @@ def make_machine_cgroup(name: str, pid: int) -> str:
         return ""
 
 
-def _remove_cgroup(rel: str) -> None:
+def remove_cgroup(rel: str) -> None:
     path = CGROUP_ROOT + rel
     with contextlib.suppress(OSError):
         os.rmdir(path)

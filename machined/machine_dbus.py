@@ -6,6 +6,7 @@ functions as the Machine object's methods (machine-dbus.c)."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import signal
 from typing import TYPE_CHECKING
@@ -19,7 +20,7 @@ from sdbus import (
 )
 
 from imagepool.bus import UNPRIVILEGED, export_per_caller, require_root, translated
-from imagepool.errors import InvalidArgs
+from imagepool.errors import Errno, InvalidArgs
 from machined import machine_ops
 from machined.machine import Machine
 
@@ -246,11 +247,15 @@ async def bind_mount(manager: MachineManager, m: Machine, source: str, destinati
 
 async def copy(manager: MachineManager, m: Machine, source: str, destination: str, flags: int,
                to_machine: bool) -> None:
-    await require_root()
+    # systemd's order: the limit, the class, the flags, the paths, then polkit.
+    manager.check_operations(copies=True)
+    machine_ops.check_copyable(m)
     if flags & ~COPY_REPLACE:
-        raise InvalidArgs("Invalid flags parameter")
+        raise Errno(errno.EINVAL)
+    destination = machine_ops.check_copy_paths(source, destination)
+    await require_root()
     func = machine_ops.copy_to if to_machine else machine_ops.copy_from
-    await manager.run(func, m, source, destination or source, bool(flags & COPY_REPLACE), copies=True)
+    await manager.run(func, m, source, destination, bool(flags & COPY_REPLACE), copies=True)
 
 
 async def open_root_directory(manager: MachineManager, m: Machine) -> int:

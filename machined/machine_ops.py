@@ -1089,14 +1089,24 @@ def _copy_xattrs(src: int, dst: int) -> None:
                     os.setxattr(dst, name, os.getxattr(src, name))
 
 
-def _copy(m: Machine, src: str, dst: str, replace: bool, from_machine: bool) -> None:
+def check_copyable(m: Machine) -> None:
     _check_container(m, NotSupported("Copying files is only supported on container machines."))
+
+
+def check_copy_paths(src: str, dst: str) -> str:
+    """The destination (the source's path when empty), after systemd's checks."""
     if not src.startswith("/"):
         raise InvalidArgs("Source path must be absolute.")
     if not dst:
-        dst = src
-    elif not dst.startswith("/"):
+        return src
+    if not dst.startswith("/"):
         raise InvalidArgs("Destination path must be absolute.")
+    return dst
+
+
+def _copy(m: Machine, src: str, dst: str, replace: bool, from_machine: bool) -> None:
+    check_copyable(m)
+    dst = check_copy_paths(src, dst)
     shift = _uid_shift(m)
     container_path, host_path = (src, dst) if from_machine else (dst, src)
     host_parent, host_name = _split(host_path)

@@ -19,12 +19,16 @@ from machined.machine import (
     MachineState,
     NoMachineForPID,
     NoSuchMachine,
+    NoSuchProcess,
     check_machine_id,
     check_machine_name,
+    check_startable,
     make_machine_cgroup,
     parse_class,
     process_alive,
     process_unit,
+    remove_cgroup,
+    unit_lookup_failed,
     unit_name_escape,
 )
 from machined.machine_dbus import MachineObject, export_self
@@ -105,9 +109,12 @@ class MachineManager:
         if self.on_removed:
             self.on_removed(machine)
 
-    async def run(self, func: Callable[..., T], *args: Any, copies: bool = False) -> T:
+    def check_operations(self, copies: bool = False) -> None:
         if self.operations >= OPERATIONS_MAX:
             raise LimitsExceeded("Too many ongoing copies." if copies else "Too many ongoing operations.")
+
+    async def run(self, func: Callable[..., T], *args: Any, copies: bool = False) -> T:
+        self.check_operations(copies)
         self.operations += 1
         try:
             return await asyncio.to_thread(func, *args)
@@ -120,44 +127,45 @@ class MachineManager:
         return self.registry.get(name)
 
     def by_pid(self, pid: int) -> Machine:
+        # Like systemd, the host is nobody's machine: PID 1 included.
         machine = self.registry.by_pid(pid) if pid > 1 else None
         if machine is None:
-            if pid == 1 or pid == 0:
-                return self.registry.host
             raise NoMachineForPID(f"PID {pid} does not belong to any known machine")
         return machine
 
     # --- registration -------------------------------------------------------------
 
     def _new_machine(self, name: str, machine_id: bytes, service: str, class_text: str, leader: int,
-                     root_directory: str, netif: list[int], caller_pid: int) -> Machine:
+                     root_directory: str, netif: list[int], caller_pid: int, *, register: bool) -> Machine:
+        """The checks of systemd's method_create_or_register_machine() and
+        machine_start(), in their order."""
         check_machine_name(name)
         check_machine_id(machine_id)
-        machine_class = parse_class(class_text) or MachineClass.CONTAINER
-        if leader == 1:
-            raise InvalidArgs("Invalid leader PID")
-        if leader == 0:
-            leader = caller_pid
-        if root_directory and not root_directory.startswith("/"):
-            raise InvalidArgs("Root directory must be empty or an absolute path")
         for ifindex in netif:
             if ifindex <= 0:
                 raise InvalidArgs(f"Invalid network interface index {ifindex}")
+        machine_class = parse_class(class_text)
+        if leader == 1:
+            raise InvalidArgs("Invalid leader PID")
+        if root_directory and not root_directory.startswith("/"):
+            raise InvalidArgs("Root directory must be empty or an absolute path")
+        if leader == 0:
+            leader = caller_pid
         if name in self.registry.machines or name in self.pending:
             raise MachineExists(f"Machine '{name}' already exists")
+        if register and not process_alive(leader):
+            raise unit_lookup_failed(leader)
+        machine_class = check_startable(machine_class)
+        if self.registry.leader_taken(leader) or leader in self.pending.values():
+            raise Errno(errno.EEXIST)
         return Machine(name, machine_class, leader, id=machine_id, service=service,
                        root_directory=root_directory, netif=list(netif))
 
     def register(self, name: str, machine_id: bytes, service: str, class_text: str, leader: int,
-                 root_directory: str, netif: list[int], *, create: bool, caller_pid: int) -> Machine:
+                 root_directory: str, netif: list[int], *, caller_pid: int) -> Machine:
         machine = self._new_machine(name, machine_id, service, class_text, leader, root_directory, netif,
-                                    caller_pid)
-        if create:
-            # No systemd to make a scope: a cgroup of our own, if we may.
-            machine.cgroup = make_machine_cgroup(name, machine.leader)
-            machine.unit = scope_unit_name(name)
-        else:
-            machine.unit = process_unit(machine.leader)
+                                    caller_pid, register=True)
+        machine.unit = process_unit(machine.leader)
         machine.state = MachineState.RUNNING
         self.registry.add(machine)
         return machine
@@ -167,20 +175,22 @@ class MachineManager:
         """CreateMachine*: with systemd on the bus, a transient scope from it
         (the machine is `opening` until the start job is done, and only then
         returned); without, a cgroup of our own."""
-        if not await self.systemd.has_owner():
-            return self.register(name, machine_id, service, class_text, leader, root_directory, netif,
-                                 create=True, caller_pid=caller_pid)
         machine = self._new_machine(name, machine_id, service, class_text, leader, root_directory, netif,
-                                    caller_pid)
-        # What registry.add() would refuse, refused before systemd is asked for anything.
-        if machine.leader <= 1 or not process_alive(machine.leader):
-            raise InvalidArgs("Invalid leader PID")
-        for m in self.registry:
-            if not m.is_host and m.leader == machine.leader:
-                raise MachineExists(f"Leader PID {machine.leader} already belongs to machine '{m.name}'")
-        if machine.leader in self.pending.values():
-            raise MachineExists(f"Leader PID {machine.leader} already belongs to a machine being created")
+                                    caller_pid, register=False)
+        if not process_alive(machine.leader):
+            raise NoSuchProcess(machine.leader)
         machine.unit = scope_unit_name(name)
+        if not await self.systemd.has_owner():
+            # No systemd to make a scope: a cgroup of our own, if we may.
+            machine.cgroup = make_machine_cgroup(name, machine.leader)
+            machine.state = MachineState.RUNNING
+            try:
+                self.registry.add(machine)
+            except BaseException:
+                if machine.cgroup:
+                    remove_cgroup(machine.cgroup)
+                raise
+            return machine
         machine.state = MachineState.OPENING
         self.pending[name] = machine.leader
         try:
@@ -209,13 +219,12 @@ class MachineManager:
         return machine
 
     def unregister(self, machine: Machine) -> None:
-        if machine.is_host:
-            raise Errno(errno.EPERM)
-        self.registry.remove(machine)
+        if not machine.is_host:  # systemd "finalizes" the host without effect
+            self.registry.remove(machine)
 
     async def terminate(self, machine: Machine) -> None:
         if machine.is_host:
-            raise Errno(errno.EPERM)
+            raise Errno(errno.EOPNOTSUPP)
         if machine in self.scoped and await self.systemd.has_owner():
             job = await self.systemd.stop_unit(machine.unit, "fail")
             log.debug("Stopping %s of machine %s, job %s.", machine.unit, machine.name, job)
@@ -227,6 +236,8 @@ class MachineManager:
     async def kill(self, machine: Machine, whom: str, signo: int) -> None:
         """KillMachine: whom=all of a machine in a scope of systemd's is
         systemd's business (KillUnit); the rest we signal ourselves."""
+        if machine.is_host:
+            raise Errno(errno.EOPNOTSUPP)
         if whom in ("", "all") and machine in self.scoped and await self.systemd.has_owner():
             await self.systemd.kill_unit(machine.unit, "all", signo)
             return

@@ -71,7 +71,7 @@ class ManagerObject(DbusInterfaceCommonAsync, interface_name="org.freedesktop.ma
                                                  root_directory, netif, scope_properties or [], caller_pid=pid)
         else:
             machine = self.machines.register(name, bytes(machine_id), service, class_text, leader, root_directory,
-                                             netif, create=False, caller_pid=pid)
+                                             netif, caller_pid=pid)
         return machine.object_path
 
     @dbus_method_async("sayssusa(sv)", "o", flags=UNPRIVILEGED, method_name="CreateMachine",

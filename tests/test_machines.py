@@ -159,29 +159,35 @@ def test_restart_keeps_running_machines(pool: Pool, container: Nspawn, machined_
 
 @pytest.mark.parametrize("pool", ["plain"], indirect=True)
 def test_register_argument_checks(pool: Pool, machined_only: Daemons) -> None:
+    """What the reference can't show without systemd as PID 1 (see
+    test_registry_errors_match_reference for the rest), as systemd 252's code
+    answers it: classes machine_start() refuses, dead and taken leaders."""
     sleeper = subprocess.Popen(["sleep", "100"])
+    dead = subprocess.Popen(["true"])
+    dead.wait()
     try:
         pid = str(sleeper.pid)
 
-        def register(name: str, mid: list[str], cls: str, leader: str, root: str = "") -> subprocess.CompletedProcess:
-            return busctl("call", *MANAGER, "RegisterMachine", "sayssus", name, str(len(mid)), *mid, "svc", cls,
-                          leader, root)
+        def register(name: str, cls: str, leader: str, method: str = "RegisterMachine") -> str:
+            extra = ["@a(sv) []"] if method == "CreateMachine" else []
+            return gdbus(method, name, "@ay []", "svc", cls, leader, "", *extra)
 
-        assert "Invalid machine name parameter" in register("bad name", [], "container", pid).stderr
-        assert "Invalid machine name parameter" in register("a" * 65, [], "container", pid).stderr
-        assert "Invalid machine ID parameter" in register("m1", ["1", "2"], "container", pid).stderr
-        assert "Invalid machine class parameter" in register("m1", [], "toaster", pid).stderr
-        assert "Invalid machine class parameter" in register("m1", [], "host", pid).stderr
-        assert "Invalid leader PID" in register("m1", [], "container", "1").stderr
-        assert "Invalid leader PID" in register("m1", [], "container", "999999").stderr
-        assert "Root directory must be empty or an absolute path" in register("m1", [], "vm", pid, "relative").stderr
-        r = register("m1", [], "vm", pid)
-        assert r.returncode == 0 and r.stdout.strip() == 'o "/org/freedesktop/machine1/machine/m1"'
-        r = register("m1", [], "vm", pid)
-        assert "org.freedesktop.machine1.MachineExists" in r.stderr or "already exists" in r.stderr
-        assert "No machine 'nope' known" in busctl("call", *MANAGER, "GetMachine", "s", "nope").stderr
-        r = busctl("call", *MANAGER, "GetMachineByPID", "u", str(os.getpid()))
-        assert "does not belong to any known machine" in r.stderr
+        not_supported = "org.freedesktop.DBus.Error.NotSupported: Operation not supported"
+        assert not_supported in register("m1", "", pid)
+        assert not_supported in register("m1", "host", pid)
+        assert not_supported in register("m1", "", pid, "CreateMachine")
+        assert (f"org.freedesktop.DBus.Error.UnixProcessIdUnknown: Failed to determine unit of process "
+                f"{dead.pid} : No such process") in register("m1", "container", str(dead.pid))
+        assert (f"org.freedesktop.systemd1.NoSuchProcess: Process {dead.pid} is not alive."
+                in register("m1", "container", str(dead.pid), "CreateMachine"))
+        assert register("m1", "vm", pid) == "(objectpath '/org/freedesktop/machine1/machine/m1',)"
+        assert "org.freedesktop.machine1.MachineExists: Machine 'm1' already exists" in register("m1", "vm", pid)
+        assert "org.freedesktop.DBus.Error.FileExists: File exists" in register("m2", "container", pid)
+        assert "org.freedesktop.DBus.Error.FileExists: File exists" in register("m2", "container", pid,
+                                                                                 "CreateMachine")
+        assert machinectl("show", "m2").returncode != 0
+        assert gdbus("GetMachineByPID", pid) == "(objectpath '/org/freedesktop/machine1/machine/m1',)"
+        assert "NoMachineForPID" in gdbus("GetMachineByPID", "0")  # gdbus itself is in no machine
         # Non-root callers may look, not register or kill.
         r = machinectl("list", user="nobody")
         assert r.returncode == 0 and "m1" in r.stdout
@@ -191,12 +197,73 @@ def test_register_argument_checks(pool: Pool, machined_only: Daemons) -> None:
         assert r.returncode != 0 and "Access denied" in r.stderr
         r = machinectl("terminate", "m1", user="nobody")
         assert r.returncode != 0 and "Access denied" in r.stderr
+        # The host can't be stopped; "unregistering" it changes nothing.
+        assert gdbus("UnregisterMachine", ".host") == "()"
+        assert show(".host", "Class") == "host"
         assert busctl("call", *MANAGER, "UnregisterMachine", "s", "m1").returncode == 0
         assert machinectl("show", "m1").returncode != 0
         assert sleeper.poll() is None  # unregistering doesn't stop anything
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def gdbus(method: str, *args: str, path: str = MANAGER[1], interface: str = MANAGER[2]) -> str:
+    """Call METHOD; gdbus shows the D-Bus error name (busctl only the message)."""
+    r = subprocess.run(["gdbus", "call", "--system", "--dest", MANAGER[0], "--object-path", path,
+                        "--method", f"{interface}.{method}", *args], capture_output=True, text=True, timeout=60)
+    return r.stdout.strip() if r.returncode == 0 else r.stderr.splitlines()[0]
+
+
+# Calls that systemd-machined 252 answers without systemd as PID 1 (they fail
+# before it would look up a unit); ours must give the same error names and texts.
+REGISTRY_ERRORS = [
+    ("RegisterMachine", "bad name", "@ay []", "svc", "container", "{pid}", ""),
+    ("RegisterMachine", "a" * 65, "@ay []", "svc", "container", "{pid}", ""),
+    ("RegisterMachine", "m1", "[byte 1, 2]", "svc", "container", "{pid}", ""),
+    ("RegisterMachine", "m1", "@ay []", "svc", "toaster", "{pid}", ""),
+    ("RegisterMachine", "m1", "@ay []", "svc", "container", "1", ""),
+    ("RegisterMachine", "m1", "@ay []", "svc", "container", "{pid}", "relative"),
+    ("RegisterMachineWithNetwork", "m1", "@ay []", "svc", "container", "{pid}", "", "[0]"),
+    ("RegisterMachineWithNetwork", "m1", "@ay []", "svc", "vm", "{pid}", "", "[1, -3]"),
+    ("CreateMachine", "bad/name", "@ay []", "svc", "container", "{pid}", "", "@a(sv) []"),
+    ("CreateMachine", "m1", "@ay []", "svc", "container", "1", "", "@a(sv) []"),
+    ("GetMachine", "nope"),
+    ("GetMachine", "bad name"),
+    ("GetMachineByPID", "1"),
+    ("GetMachineByPID", "{pid}"),
+    ("TerminateMachine", ".host"),
+    ("TerminateMachine", "nope"),
+    ("KillMachine", ".host", "all", "15"),
+    ("KillMachine", "nope", "all", "15"),
+    ("GetMachineOSRelease", "nope"),
+    ("CopyFromMachine", ".host", "/etc/hostname", "/tmp/x"),
+    ("BindMountMachine", ".host", "/tmp", "/tmp", "false", "false"),
+    ("OpenMachineRootDirectory", "nope"),
+    ("GetMachineUIDShift", ".host"),
+    ("MapFromMachineUser", ".host", "0"),
+    ("MapToMachineUser", "4000000"),
+    ("MapFromMachineGroup", "nope", "0"),
+]
+
+
+@pytest.mark.parametrize("pool", ["plain"], indirect=True)
+def test_registry_errors_match_reference(pool: Pool, daemons: Daemons) -> None:
+    sleeper = subprocess.Popen(["sleep", "100"])
+    try:
+        def run_all() -> list[str]:
+            return [gdbus(method, *(a.format(pid=sleeper.pid) for a in args)) for method, *args in REGISTRY_ERRORS]
+
+        daemons.start_reference()
+        reference = run_all()
+        daemons.start("machined")
+        ours = run_all()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert sum("GDBus.Error" in line for line in reference) == len(REGISTRY_ERRORS) - 1, reference
+    for call, theirs, mine in zip(REGISTRY_ERRORS, reference, ours):
+        assert mine == theirs, call
 
 
 @pytest.mark.parametrize("pool", ["plain"], indirect=True)
