@@ -9,6 +9,7 @@ import asyncio
 import errno
 import os
 import signal
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from sdbus import (
@@ -21,7 +22,7 @@ from sdbus import (
 
 from imagepool.bus import UNPRIVILEGED, export_per_caller, require_root, translated
 from imagepool.errors import Errno, InvalidArgs
-from machined import machine_ops
+from machined import machine_ops, nsexec
 from machined.machine import Machine
 
 if TYPE_CHECKING:
@@ -223,13 +224,44 @@ async def open_pty(manager: MachineManager, m: Machine) -> tuple[int, str]:
 
 async def open_login(manager: MachineManager, m: Machine) -> tuple[int, str]:
     await require_root()
+    if m.is_host and await manager.systemd.has_owner():
+        # As systemd: a getty of the host's systemd on a pty of the host.
+        return await _returning_fd(_host_unit(
+            manager, m, lambda number, name, slave: manager.systemd.start_unit(
+                f"container-getty@{number}.service", "replace")))
     return await _returning_fd(manager.run(machine_ops.open_login, m))
 
 
 async def open_shell(manager: MachineManager, m: Machine, user: str, path: str, args: list[str],
                      env: list[str]) -> tuple[int, str]:
     await require_root()
+    if m.is_host and await manager.systemd.has_owner():
+        # As systemd: container-shell@N.service of the host's systemd.
+        user, path, argv = machine_ops.shell_command(m, user, path, args, env)
+
+        def start(number: str, name: str, slave: int) -> Awaitable[str]:
+            properties = machine_ops.shell_unit_properties(user, path, argv, env, name, 0)
+            return manager.systemd.start_transient_unit(f"container-shell@{number}.service", "fail",
+                                                        nsexec.unit_properties(properties, [slave]))
+
+        return await _returning_fd(_host_unit(manager, m, start))
     return await _returning_fd(manager.run(machine_ops.open_shell, m, user, path, args, env))
+
+
+async def _host_unit(manager: MachineManager, m: Machine,
+                     start: Callable[[str, str, int], Awaitable[str]]) -> tuple[int, str]:
+    """A pty on the host, and START(number, path, slave fd) of a unit on it."""
+    master, name = await manager.run(machine_ops.open_pty, m)
+    try:
+        slave = nsexec.pty_peer(master)
+        try:
+            await start(name.removeprefix("/dev/pts/"), name, slave)
+        finally:
+            os.close(slave)
+    except BaseException:
+        os.close(master)
+        raise
+    return master, name
 
 
 async def _returning_fd(call) -> tuple[int, str]:

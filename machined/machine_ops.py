@@ -679,6 +679,11 @@ def _group_id(root_fd: int, name: str) -> int | None:
 
 # Like systemd's default for an empty path: the user's login shell as the
 # machine's NSS knows it, else the one from its /etc/passwd ($2), else sh.
+# systemd's own, for container-shell@.service (the user name is validated).
+_UNIT_SHELL_SCRIPT = (
+    'shell=$(getent passwd %s 2>/dev/null | { IFS=: read _ _ _ _ _ _ x; echo "$x"; })\n'
+    'exec "${shell:-/bin/sh}" -l'
+)
 _LOGIN_SHELL_SCRIPT = (
     'shell=$(getent passwd "$1" 2>/dev/null | { IFS=: read -r _ _ _ _ _ _ x _; echo "$x"; })\n'
     'exec "${shell:-${2:-/bin/sh}}" -l'
@@ -703,11 +708,34 @@ def _env_valid(env: list[str]) -> bool:
     return True
 
 
+def shell_command(m: Machine, user: str, path: str, args: list[str], env: list[str]) -> tuple[str, str, list[str]]:
+    """OpenShell's checks; the user, program and argv as systemd runs them
+    in container-shell@.service (no program: the user's login shell)."""
+    user = user or "root"
+    if not path:
+        path = "/bin/sh"
+        argv = ["sh", "-c", _UNIT_SHELL_SCRIPT % user]
+    else:
+        if not path.startswith("/"):
+            raise InvalidArgs(f"Specified path '{path}' is not absolute")
+        argv = list(args) if args else [path]
+    if not _env_valid(env):
+        raise InvalidArgs("Invalid environment assignments")
+    if not _valid_user_name(user):
+        raise InvalidArgs(f"Invalid user name: {user}")
+    if not m.is_host and m.machine_class != MachineClass.CONTAINER:
+        raise Errno(errno.EOPNOTSUPP)
+    return user, path, argv
+
+
 def open_shell(m: Machine, user: str, path: str, args: list[str], env: list[str]) -> tuple[int, str]:
     """Start PATH with ARGS as USER inside the machine on a new pty; returns
     the pty master and the slave's path.
 
-    The program runs in all of the machine's namespaces (cgroup, ipc, uts,
+    A container that runs its own systemd (org.freedesktop.systemd1 on its
+    system bus) gets the shell as container-shell@N.service, started through
+    that systemd exactly as systemd's machined asks for it (PAM, utmp, the
+    user's login shell).  Otherwise the program runs in all of the machine's namespaces (cgroup, ipc, uts,
     net, pid, mnt, and user if it has one) and root, as the user's IDs there,
     as session leader with the pty slave as controlling terminal, in the
     user's home (else /), with TERM=vt220, PATH, HOME, USER, LOGNAME and
@@ -717,22 +745,13 @@ def open_shell(m: Machine, user: str, path: str, args: list[str], env: list[str]
     the machine's PID namespace that forked it into that namespace), which
     waits for it and exits with it; machined waits for the helper in a
     thread of its own."""
-    user = user or "root"
-    if not path:
-        path = "/bin/sh"
-        argv = ["sh", "-c", _LOGIN_SHELL_SCRIPT, "sh", user]
-        login_shell = True
-    else:
-        if not path.startswith("/"):
-            raise InvalidArgs(f"Specified path '{path}' is not absolute")
-        argv = list(args) if args else [path]
-        login_shell = False
-    if not _env_valid(env):
-        raise InvalidArgs("Invalid environment assignments")
-    if not _valid_user_name(user):
-        raise InvalidArgs(f"Invalid user name: {user}")
-    if not m.is_host and m.machine_class != MachineClass.CONTAINER:
-        raise Errno(errno.EOPNOTSUPP)
+    login_shell = not path
+    user, path, unit_argv = shell_command(m, user, path, args, env)
+    argv = ["sh", "-c", _LOGIN_SHELL_SCRIPT, "sh", user] if login_shell else unit_argv
+    if not m.is_host:
+        started = _shell_unit(m, user, path, unit_argv, env)
+        if started is not None:
+            return started
 
     fds: list[int] = []
     request: dict = {"op": "shell", "ns": {}}
@@ -808,6 +827,29 @@ def open_shell(m: Machine, user: str, path: str, args: list[str], env: list[str]
     return master, name
 
 
+def _systemd_request(m: Machine, request: dict, fds: list[int]) -> None:
+    """Fill REQUEST and FDS for a call of the machine's systemd (nsexec's
+    "systemd" op): its root and the namespaces that reach its system bus.
+    Errno ENOENT when the machine has no system bus."""
+    with _Leader(m) as leader:
+        try:
+            root = leader.root()
+            request["root"] = len(fds)
+            fds.append(root)
+            request["ns"] = {}
+            for kind, fd in leader.namespaces(("pid", "mnt", "user")).items():
+                request["ns"][kind] = len(fds)
+                fds.append(fd)
+        except OSError as e:
+            raise _oserror(e) from None
+    try:
+        os.close(nsexec.open_in_root(root, "/run/dbus/system_bus_socket", os.O_PATH))
+    except FileNotFoundError:
+        raise Errno(errno.ENOENT, f"There is no system bus in container {m.name}.") from None
+    except OSError as e:
+        raise _oserror(e) from None
+
+
 def open_login(m: Machine) -> tuple[int, str]:
     """A pty, and container-getty@N.service started for it through the
     machine's system bus (StartUnit, mode "replace")."""
@@ -818,23 +860,9 @@ def open_login(m: Machine) -> tuple[int, str]:
     master, name = open_pty(m)
     fds: list[int] = []
     try:
-        request: dict = {"op": "login", "ns": {}, "unit": f"container-getty@{name.removeprefix('/dev/pts/')}.service"}
-        with _Leader(m) as leader:
-            try:
-                root = leader.root()
-                fds.append(root)
-                for kind, fd in leader.namespaces(("pid", "mnt", "user")).items():
-                    request["ns"][kind] = len(fds)
-                    fds.append(fd)
-            except OSError as e:
-                raise _oserror(e) from None
-        request["root"] = 0
-        try:
-            os.close(nsexec.open_in_root(root, "/run/dbus/system_bus_socket", os.O_PATH))
-        except FileNotFoundError:
-            raise Errno(errno.ENOENT, f"There is no system bus in container {m.name}.") from None
-        except OSError as e:
-            raise _oserror(e) from None
+        request: dict = {"op": "systemd", "method": "StartUnit", "mode": "replace",
+                         "unit": f"container-getty@{name.removeprefix('/dev/pts/')}.service"}
+        _systemd_request(m, request, fds)
         _run_helper(request, fds, site=True)
     except BaseException:
         os.close(master)
@@ -843,6 +871,79 @@ def open_login(m: Machine) -> tuple[int, str]:
         for fd in fds:
             os.close(fd)
     return master, name
+
+
+# What tells that a machine's bus has no systemd on it (or that there is none).
+_NO_SYSTEMD = {"org.freedesktop.DBus.Error.ServiceUnknown", "org.freedesktop.DBus.Error.NameHasNoOwner"}
+
+
+def shell_unit_properties(user: str, path: str, argv: list[str], env: list[str], pty_name: str,
+                          slave: object) -> list[list]:
+    """container-shell@N.service as systemd's machined asks for it, as
+    [name, signature, value]; SLAVE stands for the pty slave's fd."""
+    properties: list[list] = [
+        ["Description", "s", f"Shell for User {user}"],
+        ["StandardInputFileDescriptor", "h", slave],
+        ["StandardOutputFileDescriptor", "h", slave],
+        ["StandardErrorFileDescriptor", "h", slave],
+        ["SendSIGHUP", "b", True],
+        ["IgnoreSIGPIPE", "b", False],
+        ["KillMode", "s", "mixed"],
+        ["TTYPath", "s", pty_name],
+        ["TTYReset", "b", True],
+        ["UtmpIdentifier", "s", pty_name.removeprefix("/dev/")],
+        ["UtmpMode", "s", "user"],
+        ["PAMName", "s", "login"],
+        ["WorkingDirectory", "s", "-~"],
+        ["User", "s", user],
+    ]
+    if env:
+        properties.append(["Environment", "as", list(env)])
+    properties.append(["ExecStart", "a(sasb)", [[path, list(argv), False]]])
+    return properties
+
+
+def _shell_unit(m: Machine, user: str, path: str, argv: list[str], env: list[str]) -> tuple[int, str] | None:
+    """OpenShell through the container's own systemd: a pty, and
+    container-shell@N.service (StartTransientUnit, mode "fail") on it.  None
+    when the container runs no systemd (no bus, or nobody owns the name)."""
+    fds: list[int] = []
+    request: dict = {"op": "systemd", "method": "StartTransientUnit", "mode": "fail"}
+    try:
+        try:
+            _systemd_request(m, request, fds)
+        except Errno as e:
+            if e.errno == errno.ENOENT:
+                return None
+            raise
+        master, name = open_pty(m)
+        try:
+            try:
+                slave = nsexec.pty_peer(master)
+            except OSError as e:
+                raise _oserror(e) from None
+            fds.append(slave)
+            request["unit"] = f"container-shell@{name.removeprefix('/dev/pts/')}.service"
+            request["properties"] = shell_unit_properties(user, path, argv, env, name, len(fds) - 1)
+            try:
+                _run_helper(request, fds, site=True)
+            except Errno as e:
+                if e.errno in (errno.ENOENT, errno.ECONNREFUSED):
+                    os.close(master)
+                    return None
+                raise
+            except PoolError as e:
+                if e.dbus_name in _NO_SYSTEMD:
+                    os.close(master)
+                    return None
+                raise
+        except BaseException:
+            os.close(master)
+            raise
+        return master, name
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 # --- copying ------------------------------------------------------------------------------

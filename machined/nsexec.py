@@ -369,10 +369,23 @@ def _op_shell(req: dict, fds: list[int], sock: socket.socket) -> None:
             continue
 
 
-def _op_login(req: dict, fds: list[int], sock: socket.socket) -> None:
-    """StartUnit container-getty@N.service on the machine's system bus, as
-    the machine's root, from a child in its PID namespace (so that the bus
-    sees a PID of its own)."""
+def unit_properties(properties: list, fds: list[int]) -> list:
+    """[name, signature, value] from the request as sd-bus wants them; an
+    "h" value is the index of the fd."""
+    out = []
+    for name, signature, value in properties:
+        if signature == "h":
+            value = fds[value]
+        elif signature == "a(sasb)":
+            value = [tuple(item) for item in value]
+        out.append((name, (signature, value)))
+    return out
+
+
+def _op_systemd(req: dict, fds: list[int], sock: socket.socket) -> None:
+    """StartUnit or StartTransientUnit on the machine's system bus, as the
+    machine's root, from a child in its PID namespace (so that the bus sees
+    a PID of its own)."""
     sbi = sys.modules["sdbus.sd_bus_internals"]  # imported before the root changed
     pid = os.fork()
     if pid == 0:
@@ -380,8 +393,12 @@ def _op_login(req: dict, fds: list[int], sock: socket.socket) -> None:
             try:
                 bus = sbi.sd_bus_open_system()
                 msg = bus.new_method_call_message("org.freedesktop.systemd1", "/org/freedesktop/systemd1",
-                                                  "org.freedesktop.systemd1.Manager", "StartUnit")
-                msg.append_data("ss", req["unit"], "replace")
+                                                  "org.freedesktop.systemd1.Manager", req["method"])
+                if req["method"] == "StartTransientUnit":
+                    msg.append_data("ssa(sv)a(sa(sv))", req["unit"], req["mode"],
+                                    unit_properties(req["properties"], fds), [])
+                else:
+                    msg.append_data("ss", req["unit"], req["mode"])
                 reply = bus.call(msg)
                 send_message(sock, {"ok": True, "job": str(reply.get_contents())})
             except sbi.SdBusUnmappedMessageError as e:
@@ -400,7 +417,7 @@ def _op_login(req: dict, fds: list[int], sock: socket.socket) -> None:
     os.waitpid(pid, 0)
 
 
-OPS = {"bind": _op_bind, "shell": _op_shell, "login": _op_login}
+OPS = {"bind": _op_bind, "shell": _op_shell, "systemd": _op_systemd}
 
 
 def main(argv: list[str]) -> int:
@@ -411,13 +428,13 @@ def main(argv: list[str]) -> int:
         return 1
     try:
         op = OPS[req["op"]]
-        if req["op"] == "login":
+        if req["op"] == "systemd":
             # Loaded now, from the host: once inside, imports are locked.
             import sdbus.sd_bus_internals  # noqa: F401
 
             os.environ.pop("DBUS_SYSTEM_BUS_ADDRESS", None)
         _enter(req, fds)
-        if req["op"] == "login":
+        if req["op"] == "systemd":
             _become_root_in_userns(req)
         op(req, fds, sock)
     except _Failure as e:

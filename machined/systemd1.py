@@ -55,6 +55,10 @@ class _Manager(DbusInterfaceCommonAsync, interface_name=INTERFACE):
                                    aux: list[tuple[str, list[tuple[str, tuple[str, Any]]]]]) -> str:
         raise NotImplementedError
 
+    @dbus_method_async("ss", "o", method_name="StartUnit")
+    async def start_unit(self, name: str, mode: str) -> str:
+        raise NotImplementedError
+
     @dbus_method_async("ss", "o", method_name="StopUnit")
     async def stop_unit(self, name: str, mode: str) -> str:
         raise NotImplementedError
@@ -186,6 +190,14 @@ class Systemd:
                 del self._starting[unit]
                 for job in [j for j, (u, _) in self._early.items() if u == unit]:
                     del self._early[job]
+
+    async def start_unit(self, unit: str, mode: str) -> str:
+        """StartUnit; the job is not waited for."""
+        return await _call(self._proxy().start_unit(unit, mode))
+
+    async def start_transient_unit(self, unit: str, mode: str, properties: list[tuple[str, tuple[str, Any]]]) -> str:
+        """StartTransientUnit of a unit whose job nobody waits for."""
+        return await _call(self._proxy().start_transient_unit(unit, mode, properties, []))
 
     async def stop_unit(self, unit: str, mode: str = "fail") -> str:
         return await _call(self._proxy().stop_unit(unit, mode))

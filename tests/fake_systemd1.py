@@ -7,7 +7,9 @@ uses.  Every call is appended to DIRECTORY/calls.json (method, arguments,
 as JSON).  StartTransientUnit remembers the unit's PIDs (it moves them
 nowhere) and emits JobRemoved shortly after replying, with the result read
 from DIRECTORY/result ("done" unless the file says otherwise) after the
-delay read from DIRECTORY/delay (seconds, 0.1 by default).  StopUnit sends
+delay read from DIRECTORY/delay (seconds, 0.1 by default); a transient
+service with ExecStart is run right away on the fds it was given.  StartUnit
+only records.  StopUnit sends
 SIGTERM to the unit's PIDs, KillUnit the given signal.  Like systemd, job
 signals go out only once somebody has called Subscribe().
 """
@@ -15,10 +17,13 @@ signals go out only once somebody has called Subscribe().
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
 import signal
+import subprocess
 import sys
+import termios
 from typing import Any
 
 import sdbus
@@ -96,9 +101,42 @@ class FakeManager(DbusInterfaceCommonAsync, interface_name="org.freedesktop.syst
             raise AlreadySubscribed("Client is already subscribed.")
         self.subscribers.add(sender)
 
+    @dbus_method_async("ss", "o", method_name="StartUnit")
+    async def start_unit(self, name: str, mode: str) -> str:
+        self._record("StartUnit", name, mode)
+        return self._new_job(name, "done", 0.05)
+
+    @staticmethod
+    def _exec_service(values: dict[str, Any]) -> None:
+        """A service with ExecStart and fds for its stdio: run it (here, as
+        whoever runs this) with its Environment, as session leader on the tty."""
+        tty = os.dup(values["StandardInputFileDescriptor"])
+        path, argv, _ = values["ExecStart"][0]
+        env = dict(item.split("=", 1) for item in values.get("Environment", []))
+
+        def session() -> None:
+            os.setsid()
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+        try:
+            subprocess.Popen(argv, executable=path, stdin=tty, stdout=tty, stderr=tty, env=env,
+                             preexec_fn=session)
+        finally:
+            os.close(tty)
+            # Like systemd, keep no copy of the terminal (its hangup ends the
+            # client's session); the message closes its fds later: /dev/null.
+            null = os.open(os.devnull, os.O_RDWR)
+            for key in ("StandardInputFileDescriptor", "StandardOutputFileDescriptor", "StandardErrorFileDescriptor"):
+                os.dup2(null, values[key])
+            os.close(null)
+
     @dbus_method_async("ssa(sv)a(sa(sv))", "o", method_name="StartTransientUnit")
     async def start_transient_unit(self, name: str, mode: str, properties: list, aux: list) -> str:
         self._record("StartTransientUnit", name, mode, properties, aux)
+        values = {key: value for key, (_signature, value) in properties}
+        if name.endswith(".service") and "ExecStart" in values:
+            self._exec_service(values)
+            return self._new_job(name, "done", 0.05)
         pids: list[int] = []
         for key, (signature, value) in properties:
             if key == "PIDs" and signature == "au":

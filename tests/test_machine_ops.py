@@ -69,7 +69,7 @@ os.execvp(sys.argv[2], sys.argv[2:])
 
 # A stand-in for systemd's manager on a container's system bus.
 FAKE_SYSTEMD = r"""
-import asyncio, sys
+import asyncio, fcntl, json, os, subprocess, sys, termios
 import sdbus
 from sdbus import DbusInterfaceCommonAsync, dbus_method_async
 
@@ -78,6 +78,27 @@ class Manager(DbusInterfaceCommonAsync, interface_name="org.freedesktop.systemd1
     async def start_unit(self, name: str, mode: str) -> str:
         print(name, mode, flush=True)
         return "/org/freedesktop/systemd1/job/42"
+
+    @dbus_method_async(input_signature="ssa(sv)a(sa(sv))", result_signature="o")
+    async def start_transient_unit(self, name, mode, properties, aux):
+        # Run ExecStart (here, outside the container) on the fd, as the unit would.
+        values = {key: value for key, (signature, value) in properties}
+        tty = os.dup(values["StandardInputFileDescriptor"])
+        path, argv, _ = values["ExecStart"][0]
+        env = dict(item.split("=", 1) for item in values.get("Environment", []))
+        def session():
+            os.setsid()
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+        subprocess.Popen(argv, executable=path, stdin=tty, stdout=tty, stderr=tty, env=env, preexec_fn=session)
+        os.close(tty)
+        null = os.open(os.devnull, os.O_RDWR)  # no copy of the terminal kept, as systemd
+        for key in ("StandardInputFileDescriptor", "StandardOutputFileDescriptor", "StandardErrorFileDescriptor"):
+            os.dup2(null, values[key])
+        os.close(null)
+        shown = {key: value for key, value in values.items() if not key.endswith("FileDescriptor")}
+        fds = [values[key] >= 0 for key in values if key.endswith("FileDescriptor")]
+        print(json.dumps([name, mode, shown, fds, aux]), flush=True)
+        return "/org/freedesktop/systemd1/job/43"
 
 async def main():
     bus = sdbus.sd_bus_open_system()
@@ -604,6 +625,48 @@ def test_open_login_through_container_bus(containers):
             os.close(master)
             assert fake.stdout.readline().split() == [f"container-getty@{name.removeprefix('/dev/pts/')}.service",
                                                       "replace"]
+        finally:
+            world.stop_process(fake)
+    finally:
+        bus.stop()
+
+
+def test_open_shell_through_container_systemd(containers):
+    """A container whose bus has systemd on it gets container-shell@N.service
+    from that systemd, with systemd's properties; without systemd on the bus,
+    the direct shell."""
+    c = containers()
+    bus = world.PrivateBus(c.root / "run/dbus").start()
+    try:
+        master, name = ops.open_shell(c.machine(), "", "/bin/sh", ["sh", "-c", "echo direct"], [])
+        assert "direct" in lines(read_pty(master))
+        os.close(master)
+        fake = subprocess.Popen([sys.executable, "-c", FAKE_SYSTEMD], stdout=subprocess.PIPE, text=True,
+                                env={**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": bus.address})
+        try:
+            assert fake.stdout.readline().strip() == "ready"
+            master, name = ops.open_shell(c.machine(), "alice", "/bin/sh", ["sh", "-c", "echo unit $GREETING"],
+                                          ["GREETING=hello"])
+            try:
+                assert "unit hello" in lines(read_pty(master))
+            finally:
+                os.close(master)
+            unit, mode, properties, fds, aux = json.loads(fake.stdout.readline())
+            number = name.removeprefix("/dev/pts/")
+            assert (unit, mode, fds, aux) == (f"container-shell@{number}.service", "fail", [True] * 3, [])
+            assert properties == {
+                "Description": "Shell for User alice", "SendSIGHUP": True, "IgnoreSIGPIPE": False,
+                "KillMode": "mixed", "TTYPath": name, "TTYReset": True, "UtmpIdentifier": f"pts/{number}",
+                "UtmpMode": "user", "PAMName": "login", "WorkingDirectory": "-~", "User": "alice",
+                "Environment": ["GREETING=hello"], "ExecStart": [["/bin/sh", ["sh", "-c", "echo unit $GREETING"], False]],
+            }
+            # The default: the user's login shell, found by systemd's script.
+            master, name = ops.open_shell(c.machine(), "", "", [], [])
+            os.close(master)
+            unit, mode, properties, fds, aux = json.loads(fake.stdout.readline())
+            path, argv, _ = properties["ExecStart"][0]
+            assert path == "/bin/sh" and argv[:2] == ["sh", "-c"] and "getent passwd root " in argv[2]
+            assert properties["User"] == "root" and "Environment" not in properties
         finally:
             world.stop_process(fake)
     finally:

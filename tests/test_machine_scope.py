@@ -246,3 +246,26 @@ def test_create_variants_and_fallback(pool: Pool, machined_only: Daemons, fake_s
             stop(s)
     for name in ("vm1", "net1", "own1"):
         world.wait_for(lambda: machinectl("show", name).returncode != 0, 10, f"{name} to go away")
+
+
+@pytest.mark.parametrize("pool", ["plain"], indirect=True)
+def test_host_shell_and_login_through_systemd(pool: Pool, machined_only: Daemons, fake_systemd: FakeSystemd) -> None:
+    """With systemd on the bus, a shell on .host is its container-shell@N.service
+    and a login its container-getty@N.service, on a pty of the host."""
+    r = subprocess.run(["script", "-qec", "machinectl shell --setenv=WHERE=unit .host /bin/sh -c 'echo shell-$WHERE'",
+                        "/dev/null"], capture_output=True, text=True, timeout=60)
+    assert "shell-unit" in r.stdout, r.stdout + r.stderr
+    (start,) = fake_systemd.calls("StartTransientUnit")
+    unit, mode, properties, aux = start["args"]
+    assert unit.startswith("container-shell@") and unit.endswith(".service") and mode == "fail" and aux == []
+    values = {key: value for key, (_signature, value) in properties}
+    number = unit.removeprefix("container-shell@").removesuffix(".service")
+    assert values["TTYPath"] == f"/dev/pts/{number}" and values["UtmpIdentifier"] == f"pts/{number}"
+    assert values["Description"] == "Shell for User root" and values["User"] == "root"
+    assert values["ExecStart"] == [["/bin/sh", ["/bin/sh", "-c", "echo shell-$WHERE"], False]]
+    assert "WHERE=unit" in values["Environment"]
+    r = busctl("call", *MANAGER, "OpenMachineLogin", "s", ".host")
+    assert r.returncode == 0, r.stderr
+    pty = r.stdout.split()[2].strip('"')
+    (login,) = fake_systemd.calls("StartUnit")
+    assert login["args"] == [f"container-getty@{pty.removeprefix('/dev/pts/')}.service", "replace"]
