@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import enum
 import errno
 import logging
 import os
 import re
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -28,6 +30,9 @@ log = logging.getLogger(__name__)
 
 STATE_DIR = "/run/systemd/machines"
 MACHINE_PATH_PREFIX = "/org/freedesktop/machine1/machine"
+
+
+VMADDR_CID_ANY = 0xFFFFFFFF
 
 
 class MachineClass(enum.StrEnum):
@@ -113,6 +118,13 @@ class Machine:
     timestamp_monotonic: int = 0
     state: MachineState = MachineState.RUNNING
     supervisor: int = 0
+    # pidfd inode ids (pidfs), 0 where the kernel has none: they tell a
+    # recycled PID from the process that registered.
+    leader_pidfd_id: int = 0
+    supervisor_pidfd_id: int = 0
+    vsock_cid: int = VMADDR_CID_ANY
+    ssh_address: str = ""
+    ssh_private_key_path: str = ""
     # Our own cgroup for the machine, when we made one (CreateMachine).
     cgroup: str = ""
     pidfd: int = -1
@@ -136,11 +148,23 @@ class Machine:
         if self.id:
             lines.append(f"ID={self.id.hex()}")
         lines.append(f"LEADER={self.leader}")
+        if self.leader_pidfd_id:
+            lines.append(f"LEADER_PIDFDID={self.leader_pidfd_id}")
+        if self.supervisor:
+            lines.append(f"SUPERVISOR={self.supervisor}")
+            if self.supervisor_pidfd_id:
+                lines.append(f"SUPERVISOR_PIDFDID={self.supervisor_pidfd_id}")
         lines.append(f"CLASS={self.machine_class}")
         lines.append(f"REALTIME={self.timestamp}")
         lines.append(f"MONOTONIC={self.timestamp_monotonic}")
         if self.netif:
             lines.append(f"NETIF={' '.join(str(i) for i in self.netif)}")
+        if self.vsock_cid != VMADDR_CID_ANY:
+            lines.append(f"VSOCK_CID={self.vsock_cid}")
+        if self.ssh_address:
+            lines.append(f"SSH_ADDRESS={_quote(self.ssh_address)}")
+        if self.ssh_private_key_path:
+            lines.append(f"SSH_PRIVATE_KEY_PATH={_quote(self.ssh_private_key_path)}")
         if self.cgroup:
             lines.append(f"X_CGROUP={_quote(self.cgroup)}")
         return "\n".join(lines) + "\n"
@@ -186,6 +210,42 @@ def unit_lookup_failed(pid: int) -> Errno:
 
 def pidfd_open(pid: int) -> int:
     return os.pidfd_open(pid)
+
+
+PIDFS_MAGIC = 0x50494446
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def pidfd_id(pidfd: int) -> int:
+    """The pidfd's inode number, unique per process on pidfs (Linux 6.9+);
+    0 where pidfds share one anonymous inode."""
+    buf = ctypes.create_string_buffer(256)  # struct statfs; f_type comes first
+    if _libc.fstatfs(pidfd, buf) != 0:
+        return 0
+    if int.from_bytes(buf.raw[:ctypes.sizeof(ctypes.c_long)], sys.byteorder) != PIDFS_MAGIC:
+        return 0
+    return os.fstat(pidfd).st_ino
+
+
+def pidfd_pid(pidfd: int) -> int:
+    """The PID a pidfd refers to (fdinfo's "Pid:"; -1 once it has exited)."""
+    with open(f"/proc/self/fdinfo/{pidfd}") as f:
+        for line in f:
+            if line.startswith("Pid:"):
+                return int(line.split()[1])
+    raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+
+
+def pid_id(pid: int) -> int:
+    """pidfd_id() of PID's process (0 when gone or without pidfs)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        return 0
+    try:
+        return pidfd_id(fd)
+    finally:
+        os.close(fd)
 
 
 def process_alive(pid: int) -> bool:
@@ -316,6 +376,8 @@ class MachineRegistry:
             machine.pidfd = pidfd_open(machine.leader)
         except OSError as e:
             raise unit_lookup_failed(machine.leader) from e
+        if not machine.leader_pidfd_id:
+            machine.leader_pidfd_id = pidfd_id(machine.pidfd)
         loop = asyncio.get_running_loop()
         loop.add_reader(machine.pidfd, self._leader_exited, machine)
 
@@ -368,7 +430,8 @@ class MachineRegistry:
             except (OSError, ValueError) as e:
                 log.warning("Failed to load state of machine %s: %s", entry, e)
                 continue
-            if machine.leader > 1 and process_alive(machine.leader):
+            recycled = machine.leader_pidfd_id and pid_id(machine.leader) not in (0, machine.leader_pidfd_id)
+            if machine.leader > 1 and process_alive(machine.leader) and not recycled:
                 try:
                     self._watch(machine)
                 except PoolError:
@@ -403,6 +466,12 @@ def _machine_from_state(name: str, data: dict[str, str]) -> Machine:
         timestamp=int(data.get("REALTIME", "0")),
         timestamp_monotonic=int(data.get("MONOTONIC", "0")),
         cgroup=data.get("X_CGROUP", ""),
+        leader_pidfd_id=int(data.get("LEADER_PIDFDID", "0")),
+        supervisor=int(data.get("SUPERVISOR", "0")),
+        supervisor_pidfd_id=int(data.get("SUPERVISOR_PIDFDID", "0")),
+        vsock_cid=int(data.get("VSOCK_CID", str(VMADDR_CID_ANY))),
+        ssh_address=data.get("SSH_ADDRESS", ""),
+        ssh_private_key_path=data.get("SSH_PRIVATE_KEY_PATH", ""),
     )
     return machine
 

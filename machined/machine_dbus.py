@@ -89,9 +89,29 @@ class MachineObject(DbusInterfaceCommonAsync, interface_name=INTERFACE):
     def network_interfaces(self) -> list[int]:
         return list(self.machine.netif)
 
+    @dbus_property_async("t", flags=DbusPropertyConstFlag, property_name="LeaderPIDFDId")
+    def leader_pidfd_id(self) -> int:
+        return self.machine.leader_pidfd_id
+
+    @dbus_property_async("u", flags=DbusPropertyConstFlag, property_name="Supervisor")
+    def supervisor(self) -> int:
+        return self.machine.supervisor
+
+    @dbus_property_async("t", flags=DbusPropertyConstFlag, property_name="SupervisorPIDFDId")
+    def supervisor_pidfd_id(self) -> int:
+        return self.machine.supervisor_pidfd_id
+
     @dbus_property_async("u", flags=DbusPropertyConstFlag, property_name="VSockCID")
     def vsock_cid(self) -> int:
-        return 0xFFFFFFFF
+        return self.machine.vsock_cid
+
+    @dbus_property_async("s", flags=DbusPropertyConstFlag, property_name="SSHAddress")
+    def ssh_address(self) -> str:
+        return self.machine.ssh_address
+
+    @dbus_property_async("s", flags=DbusPropertyConstFlag, property_name="SSHPrivateKeyPath")
+    def ssh_private_key_path(self) -> str:
+        return self.machine.ssh_private_key_path
 
     @dbus_property_async("s", property_name="State")
     def state(self) -> str:
@@ -114,6 +134,12 @@ class MachineObject(DbusInterfaceCommonAsync, interface_name=INTERFACE):
     @translated
     async def get_addresses(self) -> list[tuple[int, bytes]]:
         return await get_addresses(self.manager, self.machine)
+
+    @dbus_method_async("", "ss", flags=UNPRIVILEGED, method_name="GetSSHInfo",
+                       result_args_names=["ssh_address", "ssh_private_key_path"])
+    @translated
+    async def get_ssh_info(self) -> tuple[str, str]:
+        return get_ssh_info(self.machine)
 
     @dbus_method_async("", "a{ss}", flags=UNPRIVILEGED, method_name="GetOSRelease", result_args_names=["fields"])
     @translated
@@ -207,6 +233,12 @@ async def kill(manager: MachineManager, m: Machine, whom: str, signo: int) -> No
 
 async def get_addresses(manager: MachineManager, m: Machine) -> list[tuple[int, bytes]]:
     return await manager.run(machine_ops.get_addresses, m)
+
+
+def get_ssh_info(m: Machine) -> tuple[str, str]:
+    if not m.ssh_address or not m.ssh_private_key_path:
+        raise Errno(errno.ENOENT)
+    return m.ssh_address, m.ssh_private_key_path
 
 
 async def get_os_release(manager: MachineManager, m: Machine) -> dict[str, str]:

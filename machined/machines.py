@@ -25,6 +25,7 @@ from machined.machine import (
     check_startable,
     make_machine_cgroup,
     parse_class,
+    pid_id,
     process_alive,
     process_unit,
     remove_cgroup,
@@ -136,7 +137,8 @@ class MachineManager:
     # --- registration -------------------------------------------------------------
 
     def _new_machine(self, name: str, machine_id: bytes, service: str, class_text: str, leader: int,
-                     root_directory: str, netif: list[int], caller_pid: int, *, register: bool) -> Machine:
+                     root_directory: str, netif: list[int], caller_pid: int, *, register: bool,
+                     extra: dict | None = None) -> Machine:
         """The checks of systemd's method_create_or_register_machine() and
         machine_start(), in their order."""
         check_machine_name(name)
@@ -158,25 +160,29 @@ class MachineManager:
         machine_class = check_startable(machine_class)
         if self.registry.leader_taken(leader) or leader in self.pending.values():
             raise Errno(errno.EEXIST)
-        return Machine(name, machine_class, leader, id=machine_id, service=service,
-                       root_directory=root_directory, netif=list(netif))
+        machine = Machine(name, machine_class, leader, id=machine_id, service=service,
+                          root_directory=root_directory, netif=list(netif), **(extra or {}))
+        if machine.supervisor:
+            machine.supervisor_pidfd_id = pid_id(machine.supervisor)
+        return machine
 
     def register(self, name: str, machine_id: bytes, service: str, class_text: str, leader: int,
-                 root_directory: str, netif: list[int], *, caller_pid: int) -> Machine:
+                 root_directory: str, netif: list[int], *, caller_pid: int, extra: dict | None = None) -> Machine:
         machine = self._new_machine(name, machine_id, service, class_text, leader, root_directory, netif,
-                                    caller_pid, register=True)
+                                    caller_pid, register=True, extra=extra)
         machine.unit = process_unit(machine.leader)
         machine.state = MachineState.RUNNING
         self.registry.add(machine)
         return machine
 
     async def create(self, name: str, machine_id: bytes, service: str, class_text: str, leader: int,
-                     root_directory: str, netif: list[int], properties: list, *, caller_pid: int) -> Machine:
+                     root_directory: str, netif: list[int], properties: list, *, caller_pid: int,
+                     extra: dict | None = None) -> Machine:
         """CreateMachine*: with systemd on the bus, a transient scope from it
         (the machine is `opening` until the start job is done, and only then
         returned); without, a cgroup of our own."""
         machine = self._new_machine(name, machine_id, service, class_text, leader, root_directory, netif,
-                                    caller_pid, register=False)
+                                    caller_pid, register=False, extra=extra)
         if not process_alive(machine.leader):
             raise NoSuchProcess(machine.leader)
         machine.unit = scope_unit_name(name)

@@ -5,28 +5,82 @@ as the Image object's method (machined-dbus.c: redirect_method_to_image)."""
 
 from __future__ import annotations
 
+import errno
+import os
+
 from sdbus import DbusInterfaceCommonAsync, dbus_method_async, dbus_property_async, dbus_signal_async
 
 from imagepool import ops
 from imagepool.bus import UNPRIVILEGED, caller_pid, require_root, translated
-from imagepool.errors import InvalidArgs
+from imagepool.errors import Errno, InvalidArgs
 from machined import image_dbus, machine_dbus, machine_ops
 from machined.images import ImageManager, image_object_path
+from machined.machine import (
+    VMADDR_CID_ANY,
+    MachineExists,
+    check_machine_id,
+    check_machine_name,
+    parse_class,
+    pid_id,
+    pidfd_id,
+    pidfd_pid,
+)
 from machined.machines import MachineManager
 
-EX_PROPERTIES = {"Id": "ay", "Service": "s", "Class": "s", "LeaderPID": "u", "RootDirectory": "s",
-                 "NetworkInterfaces": "ai", "VSockCID": "u", "SSHAddress": "s", "SSHPrivateKeyPath": "s"}
+# The key/value form of RegisterMachineEx/CreateMachineEx (systemd 259).
+EX_PROPERTIES = {"Id": "ay", "Service": "s", "Class": "s", "LeaderPID": "u", "LeaderPIDFD": "h",
+                 "LeaderPIDFDID": "t", "RootDirectory": "s", "NetworkInterfaces": "ai", "VSockCID": "u",
+                 "SSHAddress": "s", "SSHPrivateKeyPath": "s"}
 
 
 def _ex_properties(properties: list) -> dict:
-    values = {}
+    """The properties, checked as systemd reads them, in their order."""
+    values: dict = {}
     for key, (signature, value) in properties:
         if key not in EX_PROPERTIES:
-            raise InvalidArgs(f"Unknown property {key}")
+            raise InvalidArgs(f"Unknown property '{key}'")
         if signature != EX_PROPERTIES[key]:
-            raise InvalidArgs(f"Property {key} has the wrong type")
+            raise Errno(errno.ENXIO)  # what sd_bus_message_read() says to a wrong type
+        if key == "Id":
+            check_machine_id(bytes(value))
+            value = bytes(value)
+        elif key == "NetworkInterfaces":
+            for ifindex in value:
+                if ifindex <= 0:
+                    raise InvalidArgs(f"Invalid network interface index {ifindex}")
+        elif key == "VSockCID" and not (3 <= value < VMADDR_CID_ANY):
+            raise InvalidArgs("JSON field 'vSockCid' is not a regular VSOCK CID.")
         values[key] = value
     return values
+
+
+def _ex_leader(values: dict) -> int:
+    """The leader named by LeaderPIDFD and/or LeaderPID + LeaderPIDFDID, or 0
+    (the caller)."""
+    pid = values.get("LeaderPID", 0)
+    fd_id = values.get("LeaderPIDFDID", 0)
+    if "LeaderPIDFD" in values:
+        fd = values["LeaderPIDFD"]
+        try:
+            leader = pidfd_pid(fd)
+        except OSError as e:
+            raise Errno(e.errno or errno.EBADF, f"Failed to parse PIDFD {fd}: {os.strerror(e.errno or errno.EBADF)}") from None
+        if pid > 0 and leader != pid:
+            raise InvalidArgs("LeaderPID and LeaderPIDFD refer to different processes")
+        if fd_id > 0 and pidfd_id(fd) not in (0, fd_id):
+            raise InvalidArgs("LeaderPIDFDID does not match the inode number of LeaderPIDFD")
+        return leader
+    if pid > 0 and fd_id > 0:
+        actual = pid_id(pid)
+        if actual != fd_id:
+            code = errno.ESRCH
+            raise Errno(code, f"Failed to pin process {pid} by PIDFDID {fd_id}: {os.strerror(code)}")
+        return pid
+    if pid > 0 or fd_id > 0:
+        raise InvalidArgs("Both LeaderPID and LeaderPIDFDID must be specified to identify the leader process by "
+                          "PIDFDID")
+    return 0
+
 
 MANAGER_PATH = "/org/freedesktop/machine1"
 
@@ -63,15 +117,16 @@ class ManagerObject(DbusInterfaceCommonAsync, interface_name="org.freedesktop.ma
 
     async def _register(self, name: str, machine_id: bytes, service: str, class_text: str, leader: int,
                         root_directory: str, netif: list[int], create: bool,
-                        scope_properties: list | None = None) -> str:
+                        scope_properties: list | None = None, extra: dict | None = None) -> str:
         await require_root()
         pid = await caller_pid()
         if create:
             machine = await self.machines.create(name, bytes(machine_id), service, class_text, leader,
-                                                 root_directory, netif, scope_properties or [], caller_pid=pid)
+                                                 root_directory, netif, scope_properties or [], caller_pid=pid,
+                                                 extra=extra)
         else:
             machine = self.machines.register(name, bytes(machine_id), service, class_text, leader, root_directory,
-                                             netif, caller_pid=pid)
+                                             netif, caller_pid=pid, extra=extra)
         return machine.object_path
 
     @dbus_method_async("sayssusa(sv)", "o", flags=UNPRIVILEGED, method_name="CreateMachine",
@@ -112,11 +167,23 @@ class ManagerObject(DbusInterfaceCommonAsync, interface_name="org.freedesktop.ma
 
     async def _register_ex(self, name: str, properties: list, create: bool,
                            scope_properties: list | None = None) -> str:
+        check_machine_name(name)
         values = _ex_properties(properties)
+        parse_class(values.get("Class", ""))
+        root_directory = values.get("RootDirectory", "")
+        if root_directory and not root_directory.startswith("/"):
+            raise InvalidArgs("Root directory must be empty or an absolute path")
+        if name in self.machines.registry.machines:
+            raise MachineExists(f"Machine '{name}' already exists")
+        leader = _ex_leader(values)
+        extra = {"vsock_cid": values.get("VSockCID", VMADDR_CID_ANY), "ssh_address": values.get("SSHAddress", ""),
+                 "ssh_private_key_path": values.get("SSHPrivateKeyPath", "")}
+        client = await caller_pid()
+        if leader and leader != client:
+            extra["supervisor"] = client
         return await self._register(name, values.get("Id", b""), values.get("Service", ""),
-                                    values.get("Class", ""), values.get("LeaderPID", 0),
-                                    values.get("RootDirectory", ""), values.get("NetworkInterfaces", []), create,
-                                    scope_properties)
+                                    values.get("Class", ""), leader, root_directory,
+                                    values.get("NetworkInterfaces", []), create, scope_properties, extra)
 
     @dbus_method_async("sa(sv)a(sv)", "o", flags=UNPRIVILEGED, method_name="CreateMachineEx",
                        input_args_names=["name", "properties", "scope_properties"], result_args_names=["path"])
@@ -153,6 +220,12 @@ class ManagerObject(DbusInterfaceCommonAsync, interface_name="org.freedesktop.ma
     @translated
     async def get_machine_addresses(self, name: str) -> list[tuple[int, bytes]]:
         return await machine_dbus.get_addresses(self.machines, self.machines.get(name))
+
+    @dbus_method_async("s", "ss", flags=UNPRIVILEGED, method_name="GetMachineSSHInfo", input_args_names=["name"],
+                       result_args_names=["ssh_address", "ssh_private_key_path"])
+    @translated
+    async def get_machine_ssh_info(self, name: str) -> tuple[str, str]:
+        return machine_dbus.get_ssh_info(self.machines.get(name))
 
     @dbus_method_async("s", "a{ss}", flags=UNPRIVILEGED, method_name="GetMachineOSRelease",
                        input_args_names=["name"], result_args_names=["fields"])

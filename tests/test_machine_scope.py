@@ -213,8 +213,11 @@ def test_create_variants_and_fallback(pool: Pool, machined_only: Daemons, fake_s
     sleepers = [subprocess.Popen(["sleep", "100"]) for _ in range(3)]
     try:
         # CreateMachineEx, class vm: "Virtual Machine <name>", no extra properties.
-        r = busctl("call", *MANAGER, "CreateMachineEx", "sa(sv)a(sv)", "vm1",
-                   "2", "Class", "s", "vm", "LeaderPID", "u", str(sleepers[0].pid), "0")
+        pidfd = os.pidfd_open(sleepers[0].pid)
+        fd_id = os.fstat(pidfd).st_ino
+        os.close(pidfd)
+        r = busctl("call", *MANAGER, "CreateMachineEx", "sa(sv)a(sv)", "vm1", "3", "Class", "s", "vm",
+                   "LeaderPID", "u", str(sleepers[0].pid), "LeaderPIDFDID", "t", str(fd_id), "0")
         assert r.returncode == 0, r.stderr
         # CreateMachineWithNetwork passes its scope properties along too.
         r = busctl("call", *MANAGER, "CreateMachineWithNetwork", "sayssusaia(sv)", "net1", "0", "svc", "container",

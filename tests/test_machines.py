@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
+import sdbus
+from sdbus.sd_bus_internals import SdBusUnmappedMessageError
 
 from tests import world
 from tests.conftest import Daemons, Pool, busctl, machinectl
@@ -146,15 +148,112 @@ def test_leader_exit_removes_machine(pool: Pool, container: Nspawn) -> None:
 @pytest.mark.parametrize("pool", ["plain"], indirect=True)
 def test_restart_keeps_running_machines(pool: Pool, container: Nspawn, machined_only: Daemons) -> None:
     leader = show("c1", "Leader")
-    # A stale state file of a machine whose leader is gone is cleaned up.
+    assert f"LEADER_PIDFDID={pidfd_id_of(int(leader))}" in Path("/run/systemd/machines/c1").read_text()
+    # A stale state file of a machine whose leader is gone is cleaned up; so
+    # is one whose leader's PID now belongs to another process.
     Path("/run/systemd/machines/ghost").write_text("NAME=ghost\nLEADER=999999\nCLASS=container\n")
+    Path("/run/systemd/machines/recycled").write_text(
+        f"NAME=recycled\nLEADER={os.getpid()}\nLEADER_PIDFDID=1\nCLASS=container\n")
     machined_only.start("machined")
     assert show("c1", "Leader") == leader
     assert machinectl("show", "ghost").returncode != 0
     assert not Path("/run/systemd/machines/ghost").exists()
+    assert machinectl("show", "recycled").returncode != 0
+    assert not Path("/run/systemd/machines/recycled").exists()
     # And it still notices when the leader exits.
     os.kill(int(leader), signal.SIGKILL)
     world.wait_for(lambda: machinectl("show", "c1").returncode != 0, 10, "c1 to go away")
+
+
+def pidfd_id_of(pid: int) -> int:
+    fd = os.pidfd_open(pid)
+    try:
+        return os.fstat(fd).st_ino
+    finally:
+        os.close(fd)
+
+
+def call_ex(method: str, name: str, properties: list) -> tuple[str, str]:
+    """RegisterMachineEx/CreateMachineEx from this process (busctl can't send
+    a pidfd): ("ok", path) or (error name, message)."""
+    bus = sdbus.sd_bus_open_system()
+    try:
+        message = bus.new_method_call_message(*MANAGER, method)
+        if method == "CreateMachineEx":
+            message.append_data("sa(sv)a(sv)", name, properties, [])
+        else:
+            message.append_data("sa(sv)", name, properties)
+        try:
+            return "ok", bus.call(message).get_contents()
+        except sdbus.DbusFailedError as e:
+            return e.dbus_error_name, str(e.args[0]) if e.args else ""
+        except SdBusUnmappedMessageError as e:
+            return str(e.args[0]), str(e.args[1])
+    finally:
+        bus.close()
+
+
+@pytest.mark.parametrize("pool", ["plain"], indirect=True)
+def test_register_machine_ex(pool: Pool, machined_only: Daemons) -> None:
+    """The key/value registration (systemd 259): the leader by pidfd or by PID
+    and pidfd id, the caller as supervisor, VSOCK and SSH data kept."""
+    sleeper = subprocess.Popen(["sleep", "100"])
+    other = subprocess.Popen(["sleep", "100"])
+    pidfd = os.pidfd_open(sleeper.pid)
+    try:
+        pid, fd_id = sleeper.pid, os.fstat(pidfd).st_ino
+        errors = [
+            ([("Foo", ("s", "x"))], "org.freedesktop.DBus.Error.InvalidArgs", "Unknown property 'Foo'"),
+            ([("Id", ("ay", b"12"))], "org.freedesktop.DBus.Error.InvalidArgs", "Invalid machine ID parameter"),
+            ([("NetworkInterfaces", ("ai", [0]))], "org.freedesktop.DBus.Error.InvalidArgs",
+             "Invalid network interface index 0"),
+            ([("VSockCID", ("u", 2))], "org.freedesktop.DBus.Error.InvalidArgs",
+             "JSON field 'vSockCid' is not a regular VSOCK CID."),
+            ([("Class", ("s", "toaster"))], "org.freedesktop.DBus.Error.InvalidArgs",
+             "Invalid machine class parameter"),
+            ([("LeaderPID", ("u", pid))], "org.freedesktop.DBus.Error.InvalidArgs",
+             "Both LeaderPID and LeaderPIDFDID must be specified to identify the leader process by PIDFDID"),
+            ([("LeaderPID", ("u", pid)), ("LeaderPIDFDID", ("t", fd_id + 1))],
+             "org.freedesktop.DBus.Error.UnixProcessIdUnknown",
+             f"Failed to pin process {pid} by PIDFDID {fd_id + 1}: No such process"),
+            ([("LeaderPIDFD", ("h", pidfd)), ("LeaderPID", ("u", other.pid))], "org.freedesktop.DBus.Error.InvalidArgs",
+             "LeaderPID and LeaderPIDFD refer to different processes"),
+            ([("LeaderPIDFD", ("h", pidfd)), ("LeaderPIDFDID", ("t", fd_id + 1))],
+             "org.freedesktop.DBus.Error.InvalidArgs", "LeaderPIDFDID does not match the inode number of LeaderPIDFD"),
+        ]
+        for properties, name, text in errors:
+            assert call_ex("RegisterMachineEx", "ex1", properties) == (name, text), properties
+        assert call_ex("RegisterMachineEx", "bad name", []) == ("org.freedesktop.DBus.Error.InvalidArgs",
+                                                               "Invalid machine name")
+        r = call_ex("RegisterMachineEx", "ex1", [
+            ("Class", ("s", "vm")), ("Service", ("s", "qemu")), ("LeaderPIDFD", ("h", pidfd)),
+            ("LeaderPIDFDID", ("t", fd_id)), ("VSockCID", ("u", 42)), ("SSHAddress", ("s", "vsock/42")),
+            ("SSHPrivateKeyPath", ("s", "/run/ex1/key"))])
+        assert r == ("ok", "/org/freedesktop/machine1/machine/ex1")
+        assert show("ex1", "Leader") == str(pid) and show("ex1", "LeaderPIDFDId") == str(fd_id)
+        assert show("ex1", "Supervisor") == str(os.getpid())
+        assert show("ex1", "SupervisorPIDFDId") == str(pidfd_id_of(os.getpid()))
+        assert show("ex1", "VSockCID") == "42" and show("ex1", "Class") == "vm"
+        assert gdbus("GetMachineSSHInfo", "ex1") == "('vsock/42', '/run/ex1/key')"
+        assert gdbus("GetSSHInfo", path="/org/freedesktop/machine1/machine/ex1",
+                     interface="org.freedesktop.machine1.Machine") == "('vsock/42', '/run/ex1/key')"
+        state = Path("/run/systemd/machines/ex1").read_text().splitlines()
+        for line in (f"LEADER={pid}", f"LEADER_PIDFDID={fd_id}", f"SUPERVISOR={os.getpid()}", "VSOCK_CID=42",
+                     "SSH_ADDRESS=vsock/42", "SSH_PRIVATE_KEY_PATH=/run/ex1/key", "CLASS=vm"):
+            assert line in state, state
+        # By PID and pidfd id; no VSOCK or SSH data.
+        r = call_ex("CreateMachineEx", "ex2", [("Class", ("s", "container")), ("LeaderPID", ("u", other.pid)),
+                                               ("LeaderPIDFDID", ("t", pidfd_id_of(other.pid)))])
+        assert r == ("ok", "/org/freedesktop/machine1/machine/ex2")
+        assert show("ex2", "Unit") == "machine-ex2.scope" and show("ex2", "VSockCID") == str(0xFFFFFFFF)
+        assert "org.freedesktop.DBus.Error.FileNotFound: No such file or directory" in gdbus("GetMachineSSHInfo", "ex2")
+        assert call_ex("RegisterMachineEx", "ex1", []) == ("org.freedesktop.machine1.MachineExists",
+                                                          "Machine 'ex1' already exists")
+    finally:
+        os.close(pidfd)
+        for proc in (sleeper, other):
+            proc.kill()
+            proc.wait()
 
 
 @pytest.mark.parametrize("pool", ["plain"], indirect=True)
