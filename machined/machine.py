@@ -268,9 +268,21 @@ def process_unit(pid: int) -> str:
     for line in text.splitlines():
         parts = line.split(":", 2)
         if len(parts) == 3 and parts[0] == "0":
-            for component in reversed(parts[2].split("/")):
-                if component.endswith((".service", ".scope")):
-                    return component
+            return cgroup_unit(parts[2])
+    return ""
+
+
+_UNIT_SUFFIXES = (".service", ".scope", ".socket", ".mount", ".swap", ".target", ".device", ".automount",
+                  ".timer", ".path")
+
+
+def cgroup_unit(path: str) -> str:
+    """systemd's cg_path_get_unit(): the first component below the slices,
+    if it is a unit's name ("" otherwise)."""
+    for component in path.split("/"):
+        if not component or component.endswith(".slice"):
+            continue
+        return component if component.endswith(_UNIT_SUFFIXES) and not component.startswith(".") else ""
     return ""
 
 

@@ -17,6 +17,7 @@ import pytest
 import sdbus
 from sdbus.sd_bus_internals import SdBusUnmappedMessageError
 
+from machined.machine import cgroup_unit
 from tests import world
 from tests.conftest import Daemons, Pool, busctl, machinectl
 
@@ -513,3 +514,17 @@ def test_private_users_and_userdb(pool: Pool, machined_only: Daemons, tmp_path: 
         assert r.stdout.split()[1:] == ['"pu1"', '"/org/freedesktop/machine1/machine/pu1"', "5"]
     finally:
         c.stop()
+
+
+@pytest.mark.parametrize(("path", "unit"), [
+    ("/user.slice/user-1000.slice/session-1.scope/payload/init.scope", "session-1.scope"),
+    ("/system.slice/nspawn.service", "nspawn.service"),
+    ("/machine.slice/machine-c1.scope/payload", "machine-c1.scope"),
+    ("/init.scope", "init.scope"),
+    ("/", ""),
+    ("/user.slice", ""),
+    ("/lxc/payload.service", ""),
+])
+def test_unit_of_cgroup(path: str, unit: str) -> None:
+    """As systemd's cg_path_get_unit(): the first component below the slices."""
+    assert cgroup_unit(path) == unit
