@@ -104,21 +104,32 @@ async def caller_pid() -> int:
 
 
 _blocking_bus: sdbus.SdBus | None = None
+# Unique names are never reused and a connection's PID never changes: the
+# answers can be kept (a GetAll asks once per property).
+_peer_pids: dict[str, int] = {}
+_PEER_PIDS_MAX = 256
 
 
 def peer_pid_blocking(name: str) -> int:
     """GetConnectionUnixProcessID for code that can't await (property getters),
     over a connection of its own; 0 when the peer is gone."""
     global _blocking_bus
+    pid = _peer_pids.get(name)
+    if pid is not None:
+        return pid
     if _blocking_bus is None:
         _blocking_bus = sdbus.sd_bus_open_system()
     message = _blocking_bus.new_method_call_message(
         "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus", "GetConnectionUnixProcessID")
     message.append_data("s", name)
     try:
-        return int(_blocking_bus.call(message).get_contents())
+        pid = int(_blocking_bus.call(message).get_contents())
     except DbusFailedError:
         return 0
+    if len(_peer_pids) >= _PEER_PIDS_MAX:
+        del _peer_pids[next(iter(_peer_pids))]
+    _peer_pids[name] = pid
+    return pid
 
 
 def export_per_caller(path: str, interface_name: str, cls: type[DbusInterfaceCommonAsync],
