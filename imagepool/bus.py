@@ -4,6 +4,7 @@ become D-Bus errors, and caller credentials for authorization."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import logging
 from collections.abc import Awaitable, Callable
@@ -16,7 +17,7 @@ from sdbus.dbus_proxy_async_method import DbusMethodAsync
 from sdbus.dbus_proxy_async_property import DbusPropertyAsync
 from sdbus.sd_bus_internals import DBUS_ERROR_TO_EXCEPTION, SdBusInterface, SdBusMessage
 
-from imagepool.errors import AccessDenied, PoolError, errno_dbus_name
+from imagepool.errors import AccessDenied, Errno, PoolError, errno_dbus_name
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +206,12 @@ def export_per_caller(path: str, interface_name: str, cls: type[DbusInterfaceCom
     return interface
 
 
-async def require_root() -> None:
-    """Privileged operations: only root, until polkit is wired up."""
+async def require_root(method: str | None = None) -> None:
+    """Privileged operations: only root, until polkit is wired up; refused
+    as polkit's check refuses them ("Permission denied").  METHOD names a
+    method that systemd leaves to sd-bus to keep from unprivileged callers
+    (no SD_BUS_VTABLE_UNPRIVILEGED), whose refusal reads differently."""
     if await caller_uid() != 0:
-        raise AccessDenied("Access denied")
+        if method:
+            raise AccessDenied(f"Access to {method}() not permitted.")
+        raise Errno(errno.EACCES)

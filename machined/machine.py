@@ -402,7 +402,25 @@ class MachineRegistry:
 
     def _leader_exited(self, machine: Machine) -> None:
         log.info("Leader of machine %s (PID %d) exited.", machine.name, machine.leader)
+        self._unwatch(machine)
+        if machine.cgroup and cgroup_populated(machine.cgroup):
+            # As with systemd's scope: the machine lasts while processes of
+            # its cgroup do.
+            self._remove_when_empty(machine)
+            return
         self.remove(machine)
+
+    def _remove_when_empty(self, machine: Machine) -> None:
+        def check() -> None:
+            if self.machines.get(machine.name) is not machine:
+                return
+            if cgroup_populated(machine.cgroup):
+                loop.call_later(CGROUP_POLL_INTERVAL, check)
+            else:
+                self.remove(machine)
+
+        loop = asyncio.get_running_loop()
+        loop.call_later(CGROUP_POLL_INTERVAL, check)
 
     # --- state files -------------------------------------------------------------
 
@@ -452,6 +470,11 @@ class MachineRegistry:
                     self.machines[machine.name] = machine
                     log.info("Recovered machine %s (leader %d).", machine.name, machine.leader)
                     continue
+            elif machine.cgroup and cgroup_populated(machine.cgroup):
+                self.machines[machine.name] = machine
+                log.info("Recovered machine %s (leader gone, cgroup still populated).", machine.name)
+                self._remove_when_empty(machine)
+                continue
             log.info("Cleaning up state of vanished machine %s.", entry)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
@@ -517,6 +540,18 @@ def make_machine_cgroup(name: str, pid: int) -> str:
         with contextlib.suppress(OSError):
             os.rmdir(path)
         return ""
+
+
+CGROUP_POLL_INTERVAL = 0.5
+
+
+def cgroup_populated(rel: str) -> bool:
+    """Whether the cgroup (or one below it) has processes (cgroup.events)."""
+    try:
+        with open(CGROUP_ROOT + rel + "/cgroup.events") as f:
+            return "populated 1" in f.read().splitlines()
+    except OSError:
+        return False
 
 
 def remove_cgroup(rel: str) -> None:

@@ -223,11 +223,11 @@ async def terminate(manager: MachineManager, m: Machine) -> None:
 
 
 async def kill(manager: MachineManager, m: Machine, whom: str, signo: int) -> None:
-    await require_root()
     if whom not in ("", "all", "leader"):
         raise InvalidArgs(f"Invalid kill parameter '{whom}'")
     if signo <= 0 or signo >= signal.NSIG:
         raise InvalidArgs(f"Invalid signal {signo}")
+    await require_root()
     await manager.kill(m, whom, signo)
 
 
@@ -305,6 +305,7 @@ async def _returning_fd(call) -> tuple[int, str]:
 
 async def bind_mount(manager: MachineManager, m: Machine, source: str, destination: str, read_only: bool,
                      mkdir: bool) -> None:
+    machine_ops.check_bind_mount(m, source, destination)
     await require_root()
     await manager.run(machine_ops.bind_mount, m, source, destination, read_only, mkdir)
 

@@ -1270,6 +1270,18 @@ def _path_is_normalized(path: str) -> bool:
     return not any(p in (".", "..") or len(p) > 255 for p in parts)
 
 
+def check_bind_mount(m: Machine, src: str, dst: str) -> str:
+    """BindMount's checks before polkit's; the destination (SRC if empty)."""
+    _check_container(m, NotSupported("Bind mounting is only supported on container machines."))
+    if not _path_is_normalized(src):
+        raise InvalidArgs("Source path must be absolute and normalized.")
+    if not dst:
+        return src
+    if not _path_is_normalized(dst):
+        raise InvalidArgs("Destination path must be absolute and normalized.")
+    return dst
+
+
 def bind_mount(m: Machine, src: str, dst: str, read_only: bool, mkdir: bool) -> None:
     """Bind mount SRC of the host on DST in the machine.
 
@@ -1281,13 +1293,7 @@ def bind_mount(m: Machine, src: str, dst: str, read_only: bool, mkdir: bool) -> 
     and the helper moves it from /run/host/incoming/ inside; if it did not
     propagate there (the host's /run is not a shared mount, as on a host
     without systemd), the helper attaches the first clone directly."""
-    _check_container(m, NotSupported("Bind mounting is only supported on container machines."))
-    if not _path_is_normalized(src):
-        raise InvalidArgs("Source path must be absolute and normalized.")
-    if not dst:
-        dst = src
-    elif not _path_is_normalized(dst):
-        raise InvalidArgs("Destination path must be absolute and normalized.")
+    dst = check_bind_mount(m, src, dst)
     if _uid_shift(m) != 0:
         raise NotSupported("Can't bind mount on container with user namespacing applied.")
     message = f"Failed to mount {src} on {dst} in machine's namespace"
@@ -1519,11 +1525,22 @@ def kill(m: Machine, whom: str, signo: int) -> None:
 def terminate(m: Machine, timeout: float = TERMINATE_TIMEOUT) -> None:
     """SIGTERM (and SIGCONT, so stopped processes see it) to every process of
     the machine; SIGKILL to what is left after TIMEOUT seconds."""
+    start_terminate(m)
+    finish_terminate(m, timeout)
+
+
+def start_terminate(m: Machine) -> None:
+    """The first half of terminate(): SIGTERM and SIGCONT to every process."""
     if m.is_host:
         raise Errno(errno.EOPNOTSUPP)
     procs = _machine_processes(m)
     _signal_processes(procs, signal.SIGTERM)
     _signal_processes(procs, signal.SIGCONT)
+
+
+def finish_terminate(m: Machine, timeout: float = TERMINATE_TIMEOUT) -> None:
+    """The second half: wait up to TIMEOUT seconds, then SIGKILL what is left."""
+    procs = _machine_processes(m)
     deadline = time.monotonic() + timeout
     delay = 0.01
     while procs and time.monotonic() < deadline:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -237,7 +238,11 @@ class MachineManager:
             machine.state = MachineState.CLOSING
             return
         machine.state = MachineState.CLOSING
-        await asyncio.to_thread(machine_ops.terminate, machine)
+        # Like systemd's stop job: the reply goes out once SIGTERM is sent;
+        # SIGKILL follows for what is still there after the timeout.
+        await asyncio.to_thread(machine_ops.start_terminate, machine)
+        threading.Thread(target=machine_ops.finish_terminate, args=(machine,), daemon=True,
+                         name=f"machined-terminate-{machine.name}").start()
 
     async def kill(self, machine: Machine, whom: str, signo: int) -> None:
         """KillMachine: whom=all of a machine in a scope of systemd's is

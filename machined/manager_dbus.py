@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import os
 
+import sdbus
 from sdbus import DbusInterfaceCommonAsync, dbus_method_async, dbus_property_async, dbus_signal_async
 
 from imagepool import ops
@@ -85,7 +86,10 @@ def _ex_leader(values: dict) -> int:
 MANAGER_PATH = "/org/freedesktop/machine1"
 
 
-class ManagerObject(DbusInterfaceCommonAsync, interface_name="org.freedesktop.machine1.Manager"):
+MANAGER_INTERFACE = "org.freedesktop.machine1.Manager"
+
+
+class ManagerObject(DbusInterfaceCommonAsync, interface_name=MANAGER_INTERFACE):
     def __init__(self, images: ImageManager, machines: MachineManager) -> None:
         super().__init__()
         self.images = images
@@ -118,7 +122,9 @@ class ManagerObject(DbusInterfaceCommonAsync, interface_name="org.freedesktop.ma
     async def _register(self, name: str, machine_id: bytes, service: str, class_text: str, leader: int,
                         root_directory: str, netif: list[int], create: bool,
                         scope_properties: list | None = None, extra: dict | None = None) -> str:
-        await require_root()
+        # Only the Ex forms ask polkit; sd-bus refuses the others to non-root callers.
+        method = sdbus.get_current_message().member
+        await require_root(None if method.endswith("Ex") else f"{MANAGER_INTERFACE}.{method}")
         pid = await caller_pid()
         if create:
             machine = await self.machines.create(name, bytes(machine_id), service, class_text, leader,
@@ -243,6 +249,7 @@ class ManagerObject(DbusInterfaceCommonAsync, interface_name="org.freedesktop.ma
                        result_args_names=["pty", "pty_path"])
     @translated
     async def open_machine_pty(self, name: str) -> tuple[int, str]:
+        await require_root(f"{MANAGER_INTERFACE}.OpenMachinePTY")
         return await machine_dbus.open_pty(self.machines, self.machines.get(name))
 
     @dbus_method_async("s", "hs", flags=UNPRIVILEGED, method_name="OpenMachineLogin", input_args_names=["name"],

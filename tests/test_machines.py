@@ -366,6 +366,64 @@ def test_registry_errors_match_reference(pool: Pool, daemons: Daemons) -> None:
         assert mine == theirs, call
 
 
+HOST_MACHINE = ("/org/freedesktop/machine1/machine/_2ehost", "org.freedesktop.machine1.Machine")
+IMPORT1 = ("org.freedesktop.import1", "/org/freedesktop/import1", "org.freedesktop.import1.Manager")
+
+# What a caller that is not root gets, without polkit: the argument checks
+# systemd makes before asking polkit, polkit's "Permission denied", and
+# sd-bus's own refusal of the methods systemd does not open to everybody.
+UNPRIVILEGED_CALLS = [
+    (MANAGER, "KillMachine", ".host", "all", "15"),
+    (MANAGER, "KillMachine", ".host", "bogus", "15"),
+    (MANAGER, "KillMachine", ".host", "all", "0"),
+    (MANAGER, "TerminateMachine", ".host"),
+    (MANAGER, "UnregisterMachine", ".host"),
+    (MANAGER, "OpenMachinePTY", ".host"),
+    (MANAGER, "OpenMachinePTY", "nope"),
+    (MANAGER, "OpenMachineLogin", ".host"),
+    (MANAGER, "OpenMachineShell", ".host", "", "", "@as []", "@as []"),
+    (MANAGER, "OpenMachineRootDirectory", ".host"),
+    (MANAGER, "BindMountMachine", ".host", "/tmp", "/x", "false", "false"),
+    (MANAGER, "CopyFromMachine", ".host", "/a", "/b"),
+    (MANAGER, "CreateMachine", "x", "@ay []", "", "container", "0", "", "@a(sv) []"),
+    (MANAGER, "RegisterMachine", "x", "@ay []", "", "container", "0", ""),
+    (MANAGER, "RegisterMachineWithNetwork", "x", "@ay []", "", "container", "0", "", "@ai []"),
+    (MANAGER, "SetPoolLimit", "1000000"),
+    (MANAGER, "CleanPool", "all"),
+    (MANAGER, "GetMachineOSRelease", ".host"),
+    ((MANAGER[0], *HOST_MACHINE), "OpenPTY"),
+    ((MANAGER[0], *HOST_MACHINE), "Kill", "all", "15"),
+    ((MANAGER[0], *HOST_MACHINE), "BindMount", "/tmp", "/x", "false", "false"),
+    (IMPORT1, "PullTar", "http://127.0.0.1:1/x.tar", "x", "no", "false"),
+    (IMPORT1, "PullRaw", "ftp://x", "x", "no", "false"),
+    (IMPORT1, "CancelTransfer", "5"),
+    (IMPORT1, "ExportTar", "x", "1", ""),
+]
+
+
+@pytest.mark.parametrize("pool", ["plain"], indirect=True)
+def test_unprivileged_errors_match_reference(pool: Pool, daemons: Daemons) -> None:
+    def run_all() -> list[str]:
+        out = []
+        for (dest, path, interface), method, *args in UNPRIVILEGED_CALLS:
+            r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "gdbus", "call",
+                                "--system", "--dest", dest, "--object-path", path, "--method", f"{interface}.{method}",
+                                *args], capture_output=True, text=True, timeout=60)
+            out.append(r.stdout.strip() if r.returncode == 0 else r.stderr.splitlines()[0])
+        return out
+
+    daemons.start_reference()
+    daemons.start("importd", ours=False)
+    reference = run_all()
+    daemons.stop()
+    daemons.start("machined")
+    daemons.start("importd")
+    ours = run_all()
+    assert sum("Permission denied" in line for line in reference) >= 10, reference
+    for call, theirs, mine in zip(UNPRIVILEGED_CALLS, reference, ours):
+        assert mine == theirs, call
+
+
 @pytest.mark.parametrize("pool", ["plain"], indirect=True)
 def test_create_machine_and_signals(pool: Pool, machined_only: Daemons) -> None:
     monitor = subprocess.Popen(["busctl", "--system", "monitor", "--match",
