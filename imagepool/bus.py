@@ -120,6 +120,8 @@ def peer_pid_blocking(name: str) -> int:
         return pid
     if _blocking_bus is None:
         _blocking_bus = sdbus.sd_bus_open_system()
+        # The bus daemon answers this at once; never hold up the loop long.
+        _blocking_bus.method_call_timeout_usec = 1_000_000
     message = _blocking_bus.new_method_call_message(
         "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus", "GetConnectionUnixProcessID")
     message.append_data("s", name)

@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -58,13 +59,11 @@ class MachineExists(PoolError):
     dbus_name = "org.freedesktop.machine1.MachineExists"
 
 
-class NoSuchProcess(PoolError):
-    """What systemd answers for a scope of a process that is gone."""
-
-    dbus_name = "org.freedesktop.systemd1.NoSuchProcess"
+class NoSuchProcess(Errno):
+    """What systemd 252 answers when asked for a scope of a process that is gone."""
 
     def __init__(self, pid: int) -> None:
-        super().__init__(f"Process {pid} is not alive.")
+        super().__init__(errno.ESRCH, f"Process with ID {pid} does not exist.")
 
 
 class NoMachineForPID(PoolError):
@@ -127,7 +126,22 @@ class Machine:
     ssh_private_key_path: str = ""
     # Our own cgroup for the machine, when we made one (CreateMachine).
     cgroup: str = ""
+    # The unit is a name of ours (CreateMachine without systemd), not systemd's.
+    own_unit: bool = False
+    # The cgroup of the scope systemd made for the machine, when it did.
+    scope_cgroup: str = ""
+    # The leader's start time (clock ticks after boot): tells it from a
+    # process that got its PID later, where pidfd ids don't.
+    leader_start: int = 0
     pidfd: int = -1
+    leader_exited: bool = False
+    pidfd_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def dup_pidfd(self) -> int:
+        """A copy of the leader's pidfd for a worker thread, or -1 once the
+        leader has exited (the event loop closes the original then)."""
+        with self.pidfd_lock:
+            return os.dup(self.pidfd) if self.pidfd >= 0 else -1
 
     @property
     def is_host(self) -> bool:
@@ -167,6 +181,12 @@ class Machine:
             lines.append(f"SSH_PRIVATE_KEY_PATH={_quote(self.ssh_private_key_path)}")
         if self.cgroup:
             lines.append(f"X_CGROUP={_quote(self.cgroup)}")
+        if self.own_unit:
+            lines.append("X_OWN_UNIT=1")
+        if self.scope_cgroup:
+            lines.append(f"X_SCOPE_CGROUP={_quote(self.scope_cgroup)}")
+        if self.leader_start:
+            lines.append(f"X_LEADER_START={self.leader_start}")
         return "\n".join(lines) + "\n"
 
 
@@ -225,6 +245,27 @@ def pidfd_id(pidfd: int) -> int:
     if int.from_bytes(buf.raw[:ctypes.sizeof(ctypes.c_long)], sys.byteorder) != PIDFS_MAGIC:
         return 0
     return os.fstat(pidfd).st_ino
+
+
+def process_start(pid: int) -> int:
+    """A process's start time in clock ticks after boot (0 if gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def process_cgroup(pid: int) -> str:
+    """A process's cgroup v2 path ("" if unknown)."""
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            for line in f:
+                if line.startswith("0::"):
+                    return line[3:].strip()
+    except OSError:
+        pass
+    return ""
 
 
 def pidfd_pid(pidfd: int) -> int:
@@ -321,19 +362,23 @@ class MachineRegistry:
         return machine
 
     def by_pid(self, pid: int) -> Machine | None:
-        """The machine a process belongs to: its leader, or a process in the
-        machine's cgroup, or a descendant of the leader."""
+        """The machine a process belongs to: its leader; a process of the
+        machine's unit, as systemd has it (unless machined shares that unit,
+        as where nothing runs under systemd); a process in the machine's
+        cgroup; a descendant of the leader."""
         for m in self.machines.values():
             if not m.is_host and m.leader == pid:
                 return m
-        try:
-            with open(f"/proc/{pid}/cgroup") as f:
-                cgroup = f.read().split("::", 1)[-1].strip()
-        except OSError:
-            cgroup = ""
+        cgroup = process_cgroup(pid)
+        unit = cgroup_unit(cgroup)
+        if unit and unit != process_unit(os.getpid()):
+            for m in self.machines.values():
+                if not m.is_host and m.unit == unit:
+                    return m
         for m in self.machines.values():
-            if m.cgroup and (cgroup == m.cgroup or cgroup.startswith(m.cgroup + "/")):
-                return m
+            for own in (m.cgroup, m.scope_cgroup):
+                if own and (cgroup == own or cgroup.startswith(own + "/")):
+                    return m
         ancestor = pid
         for _ in range(64):
             ancestor = _parent(ancestor)
@@ -390,20 +435,24 @@ class MachineRegistry:
             raise unit_lookup_failed(machine.leader) from e
         if not machine.leader_pidfd_id:
             machine.leader_pidfd_id = pidfd_id(machine.pidfd)
+        if not machine.leader_start:
+            machine.leader_start = process_start(machine.leader)
         loop = asyncio.get_running_loop()
         loop.add_reader(machine.pidfd, self._leader_exited, machine)
 
     def _unwatch(self, machine: Machine) -> None:
-        if machine.pidfd >= 0:
-            with contextlib.suppress(Exception):
-                asyncio.get_running_loop().remove_reader(machine.pidfd)
-            os.close(machine.pidfd)
-            machine.pidfd = -1
+        with machine.pidfd_lock:
+            if machine.pidfd >= 0:
+                with contextlib.suppress(Exception):
+                    asyncio.get_running_loop().remove_reader(machine.pidfd)
+                os.close(machine.pidfd)
+                machine.pidfd = -1
 
     def _leader_exited(self, machine: Machine) -> None:
         log.info("Leader of machine %s (PID %d) exited.", machine.name, machine.leader)
+        machine.leader_exited = True
         self._unwatch(machine)
-        if machine.cgroup and cgroup_populated(machine.cgroup):
+        if cgroup_populated(machine.cgroup or machine.scope_cgroup):
             # As with systemd's scope: the machine lasts while processes of
             # its cgroup do.
             self._remove_when_empty(machine)
@@ -414,7 +463,7 @@ class MachineRegistry:
         def check() -> None:
             if self.machines.get(machine.name) is not machine:
                 return
-            if cgroup_populated(machine.cgroup):
+            if cgroup_populated(machine.cgroup or machine.scope_cgroup):
                 loop.call_later(CGROUP_POLL_INTERVAL, check)
             else:
                 self.remove(machine)
@@ -427,20 +476,29 @@ class MachineRegistry:
     def save(self, machine: Machine) -> None:
         if machine.is_host:
             return
-        os.makedirs(self.state_dir, mode=0o755, exist_ok=True)
+        # As systemd: a state file that can't be written is logged, nothing more.
         path = os.path.join(self.state_dir, machine.name)
         tmp = os.path.join(self.state_dir, f".#{machine.name}{os.urandom(8).hex()}")
-        with open(tmp, "w") as f:
-            f.write(machine.state_file_text())
-        os.chmod(tmp, 0o644)
-        os.rename(tmp, path)
-        if machine.unit:
-            link = os.path.join(self.state_dir, f"unit:{machine.unit}")
-            tmp_link = link + ".#new"
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp_link)
-            os.symlink(machine.name, tmp_link)
-            os.rename(tmp_link, link)
+        try:
+            os.makedirs(self.state_dir, mode=0o755, exist_ok=True)
+            try:
+                with open(tmp, "w") as f:
+                    f.write(machine.state_file_text())
+                os.chmod(tmp, 0o644)
+                os.rename(tmp, path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+            if machine.unit:
+                link = os.path.join(self.state_dir, f"unit:{machine.unit}")
+                tmp_link = link + ".#new"
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp_link)
+                os.symlink(machine.name, tmp_link)
+                os.rename(tmp_link, link)
+        except OSError as e:
+            log.error("Failed to save machine data %s: %s", path, e)
 
     def load(self) -> None:
         """Pick up machines registered before a restart: those whose leader
@@ -460,7 +518,8 @@ class MachineRegistry:
             except (OSError, ValueError) as e:
                 log.warning("Failed to load state of machine %s: %s", entry, e)
                 continue
-            recycled = machine.leader_pidfd_id and pid_id(machine.leader) not in (0, machine.leader_pidfd_id)
+            recycled = ((machine.leader_pidfd_id and pid_id(machine.leader) not in (0, machine.leader_pidfd_id))
+                        or (machine.leader_start and process_start(machine.leader) != machine.leader_start))
             if machine.leader > 1 and process_alive(machine.leader) and not recycled:
                 try:
                     self._watch(machine)
@@ -470,7 +529,8 @@ class MachineRegistry:
                     self.machines[machine.name] = machine
                     log.info("Recovered machine %s (leader %d).", machine.name, machine.leader)
                     continue
-            elif machine.cgroup and cgroup_populated(machine.cgroup):
+            elif cgroup_populated(machine.cgroup or machine.scope_cgroup):
+                machine.leader_exited = True
                 self.machines[machine.name] = machine
                 log.info("Recovered machine %s (leader gone, cgroup still populated).", machine.name)
                 self._remove_when_empty(machine)
@@ -501,6 +561,9 @@ def _machine_from_state(name: str, data: dict[str, str]) -> Machine:
         timestamp=int(data.get("REALTIME", "0")),
         timestamp_monotonic=int(data.get("MONOTONIC", "0")),
         cgroup=data.get("X_CGROUP", ""),
+        own_unit=data.get("X_OWN_UNIT") == "1",
+        scope_cgroup=data.get("X_SCOPE_CGROUP", ""),
+        leader_start=int(data.get("X_LEADER_START", "0")),
         leader_pidfd_id=int(data.get("LEADER_PIDFDID", "0")),
         supervisor=int(data.get("SUPERVISOR", "0")),
         supervisor_pidfd_id=int(data.get("SUPERVISOR_PIDFDID", "0")),
@@ -547,6 +610,8 @@ CGROUP_POLL_INTERVAL = 0.5
 
 def cgroup_populated(rel: str) -> bool:
     """Whether the cgroup (or one below it) has processes (cgroup.events)."""
+    if not rel:
+        return False
     try:
         with open(CGROUP_ROOT + rel + "/cgroup.events") as f:
             return "populated 1" in f.read().splitlines()

@@ -85,7 +85,7 @@ class _Leader:
             self.fd = os.open(f"/proc/{m.leader}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except FileNotFoundError:
             raise Errno(errno.ESRCH) from None
-        if (m.pidfd >= 0 and _pidfd_exited(m.pidfd)) or self._dead():
+        if not _leader_alive(m) or self._dead():
             os.close(self.fd)
             raise Errno(errno.ESRCH)
 
@@ -144,6 +144,21 @@ def _pidfd_exited(pidfd: int) -> bool:
     p = select.poll()
     p.register(pidfd, select.POLLIN)
     return bool(p.poll(0))
+
+
+def _leader_alive(m: Machine) -> bool:
+    """Whether the leader still runs, by its pidfd: once it has exited, its
+    PID may be another process's.  (A machine without a pidfd, like .host,
+    counts as alive.)"""
+    if m.leader_exited:
+        return False
+    fd = m.dup_pidfd()
+    if fd < 0:
+        return True
+    try:
+        return not _pidfd_exited(fd)
+    finally:
+        os.close(fd)
 
 
 def _oserror(e: OSError, message: str | None = None) -> Errno:
@@ -1454,7 +1469,7 @@ def _machine_processes(m: Machine) -> dict[int, _Proc]:
     any of these.  Zombies are not counted; we are never counted."""
     procs = _all_processes()
     members: set[int] = set()
-    if m.leader in procs:
+    if m.leader in procs and _leader_alive(m):
         members.add(m.leader)
         leader_pidns = _ns_id(m.leader, "pid")
         if leader_pidns is not None and leader_pidns != _ns_id(os.getpid(), "pid"):
@@ -1496,13 +1511,19 @@ def _signal_processes(procs: dict[int, _Proc], signo: int) -> None:
 
 
 def _kill_leader(m: Machine, signo: int) -> None:
+    if m.leader_exited:
+        raise Errno(errno.ESRCH)
+    fd = m.dup_pidfd()
     try:
-        if m.pidfd >= 0:
-            signal.pidfd_send_signal(m.pidfd, signo)
+        if fd >= 0:
+            signal.pidfd_send_signal(fd, signo)
         else:
             os.kill(m.leader, signo)
     except OSError as e:
         raise _oserror(e) from None
+    finally:
+        if fd >= 0:
+            os.close(fd)
 
 
 def kill(m: Machine, whom: str, signo: int) -> None:

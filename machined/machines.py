@@ -28,6 +28,7 @@ from machined.machine import (
     parse_class,
     pid_id,
     process_alive,
+    process_cgroup,
     process_unit,
     remove_cgroup,
     unit_lookup_failed,
@@ -74,7 +75,7 @@ class MachineManager:
         self.objects: dict[str, MachineObject] = {}
         self.self_object: SdBusInterface | None = None
         self.operations = 0
-        self.copies = 0
+        self._tasks: set[asyncio.Task] = set()
         self.on_new: Callable[[Machine], None] | None = None
         self.on_removed: Callable[[Machine], None] | None = None
         self.registry.on_new.append(self._added)
@@ -86,8 +87,8 @@ class MachineManager:
         self.self_object = export_self(self)
         for machine in self.registry:
             self._export(machine)
-            # A scope named like ours without a cgroup of our own: systemd made it.
-            if not machine.is_host and not machine.cgroup and machine.unit == scope_unit_name(machine.name):
+            # A scope named like ours that we did not make ourselves: systemd made it.
+            if not machine.is_host and not machine.own_unit and machine.unit == scope_unit_name(machine.name):
                 self.scoped.add(machine)
 
     def close(self) -> None:
@@ -104,6 +105,11 @@ class MachineManager:
             self.on_new(machine)
 
     def _removed(self, machine: Machine) -> None:
+        if machine in self.scoped:
+            # Drop the reference CreateMachine's AddRef=true took (machine_release_unit).
+            task = asyncio.get_running_loop().create_task(self._unref(machine.unit))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         self.scoped.discard(machine)
         obj = self.objects.pop(machine.name, None)
         if obj and obj.handle:
@@ -111,11 +117,21 @@ class MachineManager:
         if self.on_removed:
             self.on_removed(machine)
 
+    async def _unref(self, unit: str) -> None:
+        try:
+            await self.systemd.unref_unit(unit)
+        except Exception as e:  # noqa: BLE001 - systemd gone, unit gone: nothing to drop
+            log.debug("Failed to drop reference to machine scope, ignoring: %s", e)
+
     def check_operations(self, copies: bool = False) -> None:
         if self.operations >= OPERATIONS_MAX:
             raise LimitsExceeded("Too many ongoing copies." if copies else "Too many ongoing operations.")
 
     async def run(self, func: Callable[..., T], *args: Any, copies: bool = False) -> T:
+        """FUNC(*ARGS) in a worker thread; copies count against the limit of
+        ongoing operations, as systemd's forked copy operations do."""
+        if not copies:
+            return await asyncio.to_thread(func, *args)
         self.check_operations(copies)
         self.operations += 1
         try:
@@ -186,24 +202,31 @@ class MachineManager:
                                     caller_pid, register=False, extra=extra)
         if not process_alive(machine.leader):
             raise NoSuchProcess(machine.leader)
-        machine.unit = scope_unit_name(name)
-        if not await self.systemd.has_owner():
-            # No systemd to make a scope: a cgroup of our own, if we may.
-            machine.cgroup = make_machine_cgroup(name, machine.leader)
-            machine.state = MachineState.RUNNING
-            try:
-                self.registry.add(machine)
-            except BaseException:
-                if machine.cgroup:
-                    remove_cgroup(machine.cgroup)
-                raise
-            return machine
-        machine.state = MachineState.OPENING
+        # Name and leader are taken from here on: the checks above and this
+        # run with no await between them.
         self.pending[name] = machine.leader
         try:
+            has_systemd = await self.systemd.has_owner()
+            if not has_systemd:
+                # No systemd to make a scope: a cgroup of our own, if we may;
+                # the unit's name is the scope's all the same (ours, not systemd's).
+                machine.cgroup = make_machine_cgroup(name, machine.leader)
+                machine.unit = scope_unit_name(name)
+                machine.own_unit = True
+                machine.state = MachineState.RUNNING
+                del self.pending[name]
+                try:
+                    self.registry.add(machine)
+                except BaseException:
+                    if machine.cgroup:
+                        remove_cgroup(machine.cgroup)
+                    raise
+                return machine
+            machine.unit = scope_unit_name(name)
+            machine.state = MachineState.OPENING
             job = await self.systemd.start_transient_scope(machine.unit, scope_properties(machine) + list(properties))
         finally:
-            del self.pending[name]
+            self.pending.pop(name, None)
         try:
             self.registry.add(machine)
         except BaseException:
@@ -221,9 +244,22 @@ class MachineManager:
             raise systemd1.JobFailed(f"Start job for unit {machine.unit} failed with '{result}'")
         if self.registry.machines.get(name) is not machine:
             raise NoSuchMachine(name)
+        # Where systemd put the leader: the machine lasts while that cgroup has processes.
+        path = process_cgroup(machine.leader) + "/"
+        at = path.find(f"/{machine.unit}/")
+        if at >= 0:
+            machine.scope_cgroup = path[: at + 1 + len(machine.unit)]
         if machine.state == MachineState.OPENING:
             machine.state = MachineState.RUNNING
+        self.registry.save(machine)
         return machine
+
+    @staticmethod
+    def _systemds(machine: Machine) -> bool:
+        """Whether the machine's unit is systemd's to stop and signal (as
+        systemd-machined does for any machine with a unit): not when the
+        unit is just the name of a cgroup of ours."""
+        return bool(machine.unit) and not machine.own_unit
 
     def unregister(self, machine: Machine) -> None:
         if not machine.is_host:  # systemd "finalizes" the host without effect
@@ -232,7 +268,7 @@ class MachineManager:
     async def terminate(self, machine: Machine) -> None:
         if machine.is_host:
             raise Errno(errno.EOPNOTSUPP)
-        if machine in self.scoped and await self.systemd.has_owner():
+        if self._systemds(machine) and await self.systemd.has_owner():
             job = await self.systemd.stop_unit(machine.unit, "fail")
             log.debug("Stopping %s of machine %s, job %s.", machine.unit, machine.name, job)
             machine.state = MachineState.CLOSING
@@ -245,11 +281,11 @@ class MachineManager:
                          name=f"machined-terminate-{machine.name}").start()
 
     async def kill(self, machine: Machine, whom: str, signo: int) -> None:
-        """KillMachine: whom=all of a machine in a scope of systemd's is
+        """KillMachine: whom=all of a machine in a unit of systemd's is
         systemd's business (KillUnit); the rest we signal ourselves."""
         if machine.is_host:
             raise Errno(errno.EOPNOTSUPP)
-        if whom in ("", "all") and machine in self.scoped and await self.systemd.has_owner():
+        if whom in ("", "all") and self._systemds(machine) and await self.systemd.has_owner():
             await self.systemd.kill_unit(machine.unit, "all", signo)
             return
         await asyncio.to_thread(machine_ops.kill, machine, whom, signo)

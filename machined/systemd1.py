@@ -59,6 +59,10 @@ class _Manager(DbusInterfaceCommonAsync, interface_name=INTERFACE):
     async def start_unit(self, name: str, mode: str) -> str:
         raise NotImplementedError
 
+    @dbus_method_async("s", "", method_name="UnrefUnit")
+    async def unref_unit(self, name: str) -> None:
+        raise NotImplementedError
+
     @dbus_method_async("ss", "o", method_name="StopUnit")
     async def stop_unit(self, name: str, mode: str) -> str:
         raise NotImplementedError
@@ -198,6 +202,9 @@ class Systemd:
     async def start_transient_unit(self, unit: str, mode: str, properties: list[tuple[str, tuple[str, Any]]]) -> str:
         """StartTransientUnit of a unit whose job nobody waits for."""
         return await _call(self._proxy().start_transient_unit(unit, mode, properties, []))
+
+    async def unref_unit(self, unit: str) -> None:
+        await _call(self._proxy().unref_unit(unit))
 
     async def stop_unit(self, unit: str, mode: str = "fail") -> str:
         return await _call(self._proxy().stop_unit(unit, mode))

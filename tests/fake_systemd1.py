@@ -4,8 +4,9 @@
 
 Owns org.freedesktop.systemd1 and serves the few Manager methods machined
 uses.  Every call is appended to DIRECTORY/calls.json (method, arguments,
-as JSON).  StartTransientUnit remembers the unit's PIDs (it moves them
-nowhere) and emits JobRemoved shortly after replying, with the result read
+as JSON).  StartTransientUnit remembers the unit's PIDs (and moves them
+into <Slice>/<unit> of the cgroup v2 hierarchy when DIRECTORY/place says
+"yes") and emits JobRemoved shortly after replying, with the result read
 from DIRECTORY/result ("done" unless the file says otherwise) after the
 delay read from DIRECTORY/delay (seconds, 0.1 by default); a transient
 service with ExecStart is run right away on the fds it was given.  StartUnit
@@ -101,6 +102,22 @@ class FakeManager(DbusInterfaceCommonAsync, interface_name="org.freedesktop.syst
             raise AlreadySubscribed("Client is already subscribed.")
         self.subscribers.add(sender)
 
+    def _place(self, name: str, values: dict[str, Any], pids: list[int]) -> None:
+        """If DIRECTORY/place says "yes": move the scope's PIDs into
+        <Slice>/<name> of the cgroup v2 hierarchy at /sys/fs/cgroup, as
+        systemd would (the test removes the directories)."""
+        root = "/sys/fs/cgroup"
+        if self._setting("place", "no") != "yes":
+            return
+        path = os.path.join(root, values.get("Slice", "system.slice"), name)
+        os.makedirs(path, exist_ok=True)
+        for pid in pids:
+            try:
+                with open(os.path.join(path, "cgroup.procs"), "w") as f:
+                    f.write(str(pid))
+            except OSError:
+                pass
+
     @dbus_method_async("ss", "o", method_name="StartUnit")
     async def start_unit(self, name: str, mode: str) -> str:
         self._record("StartUnit", name, mode)
@@ -144,22 +161,38 @@ class FakeManager(DbusInterfaceCommonAsync, interface_name="org.freedesktop.syst
         result = self._setting("result", "done")
         if result == "done":
             self.units[name] = pids
+            self._place(name, values, pids)
         return self._new_job(name, result, float(self._setting("delay", "0.1")))
+
+    def _unit_pids(self, name: str) -> list[int]:
+        """A unit started here, or one with a cgroup of its name below a
+        slice of the cgroup v2 hierarchy (as if systemd had started it)."""
+        if name in self.units:
+            return self.units[name]
+        root = "/sys/fs/cgroup"
+        if os.path.exists(os.path.join(root, "cgroup.procs")):
+            for slice_ in os.listdir(root):
+                procs = os.path.join(root, slice_, name, "cgroup.procs")
+                if slice_.endswith(".slice") and os.path.exists(procs):
+                    with open(procs) as f:
+                        return [int(pid) for pid in f.read().split()]
+        raise NoSuchUnit(f"Unit {name} not loaded.")
+
+    @dbus_method_async("s", "", method_name="UnrefUnit")
+    async def unref_unit(self, name: str) -> None:
+        self._record("UnrefUnit", name)
 
     @dbus_method_async("ss", "o", method_name="StopUnit")
     async def stop_unit(self, name: str, mode: str) -> str:
         self._record("StopUnit", name, mode)
-        if name not in self.units:
-            raise NoSuchUnit(f"Unit {name} not loaded.")
-        self._signal(self.units.pop(name), signal.SIGTERM)
+        self._signal(self._unit_pids(name), signal.SIGTERM)
+        self.units.pop(name, None)
         return self._new_job(name, "done", 0.05)
 
     @dbus_method_async("ssi", "", method_name="KillUnit")
     async def kill_unit(self, name: str, whom: str, signo: int) -> None:
         self._record("KillUnit", name, whom, signo)
-        if name not in self.units:
-            raise NoSuchUnit(f"Unit {name} not loaded.")
-        self._signal(self.units[name], signo)
+        self._signal(self._unit_pids(name), signo)
 
     @dbus_signal_async("uoss", signal_name="JobRemoved", signal_args_names=["id", "job", "unit", "result"])
     def job_removed(self) -> tuple[int, str, str, str]:

@@ -100,6 +100,8 @@ def test_private_users_container(pool: Pool, machined_only: Daemons, tmp_path: P
         r = machinectl("list")
         assert r.returncode == 0, r.stderr
         assert any(line.split()[:3] == ["pu1", "container", "systemd-nspawn"] for line in r.stdout.splitlines())
+        # The leader becomes sleep once nspawn's child has exec'd it.
+        world.wait_for(lambda: Path(f"/proc/{leader}/comm").read_text() == "sleep\n", 10, "the leader to be sleep")
         r = machinectl("status", "pu1")
         assert r.returncode == 0, r.stderr
         assert re.search(rf"^\s*UID Shift: {shift}$", r.stdout, re.M), r.stdout

@@ -17,6 +17,7 @@ import pytest
 
 from tests import world
 from tests.conftest import Daemons, Pool, busctl, machinectl
+from tests.test_machine_clients import CGROUP_ROOT, cgroup_v2_at_root
 
 MANAGER = ("org.freedesktop.machine1", "/org/freedesktop/machine1", "org.freedesktop.machine1.Manager")
 FAKE = Path(__file__).with_name("fake_systemd1.py")
@@ -272,3 +273,86 @@ def test_host_shell_and_login_through_systemd(pool: Pool, machined_only: Daemons
     pty = r.stdout.split()[2].strip('"')
     (login,) = fake_systemd.calls("StartUnit")
     assert login["args"] == [f"container-getty@{pty.removeprefix('/dev/pts/')}.service", "replace"]
+
+
+@pytest.mark.parametrize("pool", ["plain"], indirect=True)
+def test_scope_unref_and_concurrent_creates(pool: Pool, machined_only: Daemons, fake_systemd: FakeSystemd) -> None:
+    """Two CreateMachine calls for one name while systemd takes its time: one
+    machine, the other call gets MachineExists (and no scope); when the
+    machine goes, the reference AddRef=true took is dropped (UnrefUnit)."""
+    fake_systemd.configure("done", delay=1.0)
+    sleepers = [subprocess.Popen(["sleep", "100"]) for _ in range(2)]
+    try:
+        calls = [subprocess.Popen(["gdbus", "call", "--system", "--dest", MANAGER[0], "--object-path", MANAGER[1],
+                                   "--method", f"{MANAGER[2]}.CreateMachine", "twice", "@ay []", "svc", "container",
+                                   str(s.pid), "", "@a(sv) []"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True) for s in sleepers]
+        results = [c.communicate(timeout=30) for c in calls]
+        outs = sorted(out.strip() or err.strip() for out, err in results)
+        assert outs[0] == "(objectpath '/org/freedesktop/machine1/machine/twice',)", outs
+        assert "org.freedesktop.machine1.MachineExists: Machine 'twice' already exists" in outs[1], outs
+        assert len(fake_systemd.calls("StartTransientUnit")) == 1
+        r = busctl("call", *MANAGER, "UnregisterMachine", "s", "twice")
+        assert r.returncode == 0, r.stderr
+        world.wait_for(lambda: fake_systemd.calls("UnrefUnit"), 10, "UnrefUnit")
+        assert [c["args"] for c in fake_systemd.calls("UnrefUnit")] == [["machine-twice.scope"]]
+    finally:
+        for s in sleepers:
+            stop(s)
+
+
+@pytest.mark.parametrize("pool", ["plain"], indirect=True)
+def test_systemd_units_of_machines(pool: Pool, machined_only: Daemons, fake_systemd: FakeSystemd,
+                                   tmp_path: Path) -> None:
+    """With the cgroup v2 hierarchy: a machine registered from a unit of
+    systemd's is stopped and signalled through systemd, and every process of
+    that unit is the machine's (GetMachineByPID); a machine in a scope lasts
+    while its scope has processes, after the leader has gone."""
+    with cgroup_v2_at_root():
+        service = CGROUP_ROOT / "system.slice" / "fake-nspawn.service"
+        scope = CGROUP_ROOT / "machine.slice" / "machine-scoped.scope"
+        procs = []
+        try:
+            service.mkdir(parents=True)
+            leader, helper = (subprocess.Popen(["sleep", "100"]) for _ in range(2))
+            procs += [leader, helper]
+            for p in (leader, helper):
+                (service / "cgroup.procs").write_text(str(p.pid))
+            r = busctl("call", *MANAGER, "RegisterMachine", "sayssus", "reg", "0", "svc", "container",
+                       str(leader.pid), "")
+            assert r.returncode == 0, r.stderr
+            assert show("reg", "Unit") == "fake-nspawn.service"
+            r = busctl("call", *MANAGER, "GetMachineByPID", "u", str(helper.pid))
+            assert r.stdout.strip() == 'o "/org/freedesktop/machine1/machine/reg"', r.stdout + r.stderr
+            assert machinectl("kill", "reg", "--signal=CONT").returncode == 0
+            assert machinectl("terminate", "reg").returncode == 0
+            assert [c["args"] for c in fake_systemd.calls("KillUnit")] == [["fake-nspawn.service", "all", signal.SIGCONT]]
+            assert [c["args"] for c in fake_systemd.calls("StopUnit")] == [["fake-nspawn.service", "fail"]]
+
+            (fake_systemd.directory / "place").write_text("yes")
+            pidfile = tmp_path / "stray"
+            scoped = subprocess.Popen(["sh", "-c", f"read go; (sleep 1000 & echo $! > {pidfile}); exec sleep 1000"],
+                                      stdin=subprocess.PIPE, text=True)
+            procs.append(scoped)
+            r = busctl("call", *MANAGER, "CreateMachine", "sayssusa(sv)", "scoped", "0", "svc", "container",
+                       str(scoped.pid), "", "0")
+            assert r.returncode == 0, r.stderr
+            assert (scope / "cgroup.procs").read_text().split() == [str(scoped.pid)]
+            assert scoped.stdin is not None
+            scoped.stdin.write("go\n")
+            scoped.stdin.flush()
+            world.wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), 10, "the stray process")
+            stray = int(pidfile.read_text())
+            world.wait_for(lambda: Path(f"/proc/{scoped.pid}/comm").read_text() == "sleep\n", 10, "the leader")
+            stop(scoped)
+            time.sleep(1.5)
+            assert show("scoped", "State") == "running"
+            os.kill(stray, signal.SIGKILL)
+            world.wait_for(lambda: machinectl("show", "scoped").returncode != 0, 10, "scoped to go away")
+        finally:
+            for p in procs:
+                stop(p)
+            for path in (scope, service):
+                if path.exists():
+                    world.wait_for(lambda: not (path / "cgroup.procs").read_text().split(), 10, "an empty cgroup")
+                    path.rmdir()

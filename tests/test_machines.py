@@ -278,7 +278,7 @@ def test_register_argument_checks(pool: Pool, machined_only: Daemons) -> None:
         assert not_supported in register("m1", "", pid, "CreateMachine")
         assert (f"org.freedesktop.DBus.Error.UnixProcessIdUnknown: Failed to determine unit of process "
                 f"{dead.pid} : No such process") in register("m1", "container", str(dead.pid))
-        assert (f"org.freedesktop.systemd1.NoSuchProcess: Process {dead.pid} is not alive."
+        assert (f"org.freedesktop.DBus.Error.UnixProcessIdUnknown: Process with ID {dead.pid} does not exist."
                 in register("m1", "container", str(dead.pid), "CreateMachine"))
         assert register("m1", "vm", pid) == "(objectpath '/org/freedesktop/machine1/machine/m1',)"
         assert "org.freedesktop.machine1.MachineExists: Machine 'm1' already exists" in register("m1", "vm", pid)
