@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 from imagepool import daemon
 from imagepool.image import Pool
 from machined.images import ImageManager
-from machined.machines import MachineManager
+from machined.machines import OPERATIONS_MAX, MachineManager
 from machined.userdb import UserDatabase
 from machined.manager_dbus import MANAGER_PATH, ManagerObject
 
@@ -19,6 +20,10 @@ BUS_NAME = "org.freedesktop.machine1"
 
 
 async def serve(pool_path: str, stop: asyncio.Event) -> None:
+    # Copies, helpers and image operations wait in worker threads: enough of
+    # them that OPERATIONS_MAX long copies don't hold up everything else.
+    asyncio.get_running_loop().set_default_executor(
+        ThreadPoolExecutor(max_workers=OPERATIONS_MAX + 16, thread_name_prefix="machined"))
     bus = daemon.open_system_bus()
     images = ImageManager(Pool(pool_path))
     os.makedirs("/run/systemd/machines", mode=0o755, exist_ok=True)

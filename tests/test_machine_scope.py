@@ -356,3 +356,14 @@ def test_systemd_units_of_machines(pool: Pool, machined_only: Daemons, fake_syst
                 if path.exists():
                     world.wait_for(lambda: not (path / "cgroup.procs").read_text().split(), 10, "an empty cgroup")
                     path.rmdir()
+
+
+@pytest.mark.parametrize("pool", ["plain"], indirect=True)
+def test_host_login_without_systemd(pool: Pool, machined_only: Daemons) -> None:
+    """Without systemd on the bus, a login on .host fails as systemd's
+    StartUnit call would: the bus's error."""
+    r = subprocess.run(["gdbus", "call", "--system", "--dest", MANAGER[0], "--object-path", MANAGER[1],
+                        "--method", f"{MANAGER[2]}.OpenMachineLogin", ".host"], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode != 0
+    assert "org.freedesktop.DBus.Error.ServiceUnknown" in r.stderr, r.stderr

@@ -344,6 +344,7 @@ REGISTRY_ERRORS = [
     ("MapFromMachineUser", ".host", "0"),
     ("MapToMachineUser", "4000000"),
     ("MapFromMachineGroup", "nope", "0"),
+    ("OpenMachineLogin", ".host"),
 ]
 
 
