@@ -329,10 +329,16 @@ def test_decompression_bomb_stops_at_free_space(pool: Pool, services: Daemons, t
     r = mc(f"import-{kind}", str(bomb), "bomb", ok=False)
     assert r.returncode == 1
     assert "bomb" not in image_names(pool) and leftovers(pool) == []
-    # btrfs frees a deleted subvolume's space in the background.
+    # btrfs frees a deleted subvolume's space in the background, and counts
+    # it free only after a later transaction commit.
     subprocess.run(["btrfs", "subvolume", "sync", str(pool.path)], check=True, capture_output=True)
-    free = os.statvfs(pool.path)
-    assert free.f_bavail * free.f_frsize > 1 << 30
+
+    def space_back() -> bool:
+        subprocess.run(["btrfs", "filesystem", "sync", str(pool.path)], check=True, capture_output=True)
+        free = os.statvfs(pool.path)
+        return free.f_bavail * free.f_frsize > 1 << 30
+
+    world.wait_for(space_back, 30, "the pool's space to come back", 0.5)
 
 
 def test_size_cap_is_configurable(tmp_path: Path) -> None:
