@@ -126,6 +126,8 @@ class Machine:
     ssh_private_key_path: str = ""
     # Our own cgroup for the machine, when we made one (CreateMachine).
     cgroup: str = ""
+    # The job systemd is starting the machine's scope with, until it is done.
+    scope_job: str = ""
     # The unit is a name of ours (CreateMachine without systemd), not systemd's.
     own_unit: bool = False
     # The cgroup of the scope systemd made for the machine, when it did.
@@ -155,6 +157,8 @@ class Machine:
         lines = ["# This is private data. Do not parse.", f"NAME={self.name}"]
         if self.unit:
             lines.append(f"SCOPE={_quote(self.unit)}")
+        if self.scope_job:
+            lines.append(f"SCOPE_JOB={_quote(self.scope_job)}")
         if self.service:
             lines.append(f"SERVICE={_quote(self.service)}")
         if self.root_directory:

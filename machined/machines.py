@@ -227,6 +227,7 @@ class MachineManager:
             job = await self.systemd.start_transient_scope(machine.unit, scope_properties(machine) + list(properties))
         finally:
             self.pending.pop(name, None)
+        machine.scope_job = job.path
         try:
             self.registry.add(machine)
         except BaseException:
@@ -239,6 +240,7 @@ class MachineManager:
         except Exception:  # a timeout; not a cancellation (shutdown), the machine may well run
             self.registry.remove(machine)
             raise
+        machine.scope_job = ""
         if result != "done":
             self.registry.remove(machine)
             raise systemd1.JobFailed(f"Start job for unit {machine.unit} failed with '{result}'")

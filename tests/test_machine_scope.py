@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -125,6 +126,9 @@ def test_create_machine_starts_a_scope(pool: Pool, machined_only: Daemons, fake_
         world.wait_for(lambda: machinectl("show", "-p", "State", "--value", "sc-1").stdout.strip() == "opening",
                        10, "sc-1 to be opening")
         assert call.poll() is None
+        # The state file names the job meanwhile, as systemd-machined's does.
+        assert re.search(r"^SCOPE_JOB=/org/freedesktop/systemd1/job/\d+$",
+                         Path("/run/systemd/machines/sc-1").read_text(), re.M)
         t0 = time.monotonic()
         r = busctl("call", *MANAGER, "ListMachines")
         assert r.returncode == 0 and '"sc-1"' in r.stdout, r.stderr
@@ -133,6 +137,7 @@ def test_create_machine_starts_a_scope(pool: Pool, machined_only: Daemons, fake_
         assert call.returncode == 0, err
         assert out.strip() == 'o "/org/freedesktop/machine1/machine/sc_2d1"'
         assert show("sc-1", "State") == "running"
+        assert "SCOPE_JOB=" not in Path("/run/systemd/machines/sc-1").read_text()
         assert show("sc-1", "Unit") == unit
         assert show("sc-1", "Leader") == str(leader.pid)
 
