@@ -317,6 +317,7 @@ def test_systemd_units_of_machines(pool: Pool, machined_only: Daemons, fake_syst
         service = CGROUP_ROOT / "system.slice" / "fake-nspawn.service"
         scope = CGROUP_ROOT / "machine.slice" / "machine-scoped.scope"
         procs = []
+        made_slice = not service.parent.exists()
         try:
             service.mkdir(parents=True)
             leader, helper = (subprocess.Popen(["sleep", "100"]) for _ in range(2))
@@ -361,6 +362,8 @@ def test_systemd_units_of_machines(pool: Pool, machined_only: Daemons, fake_syst
                 if path.exists():
                     world.wait_for(lambda: not (path / "cgroup.procs").read_text().split(), 10, "an empty cgroup")
                     path.rmdir()
+            if made_slice:
+                service.parent.rmdir()
 
 
 @pytest.mark.parametrize("pool", ["plain"], indirect=True)
