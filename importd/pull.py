@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import logging
 import os
 import threading
 from collections.abc import Callable
@@ -38,6 +39,8 @@ from imagepool.names import image_name_is_valid
 from importd import compress, qcow2, sparse, verify
 from importd.context import Canceled, JobContext, TransferError, exiting_on_failure
 from importd.http import Download, Http, HttpError, HttpOptions, format_bytes, valid_etag
+
+log = logging.getLogger(__name__)
 from importd.local import DEFAULT_MAX_IMAGE_SIZE, convert_qcow2_in_place, size_limit, unpack_tar, write_image
 
 SIDECARS_RAW = (
@@ -194,12 +197,15 @@ def pull(ctx: JobContext, req: PullRequest, pool: Pool) -> None:
 def _pull(ctx: JobContext, req: PullRequest, pool: Pool, name: str) -> None:
     weight = 0.85 if req.kind == "tar" else 0.80
     with Http(ctx, req.http) as http, image_name_lock(name):
-        sums = signature = None
+        sums = None
         if req.verify != verify.VerifyMode.NO:
-            sums = _fetch_checksums(http, req.url)
+            sums, sums_url, per_file = _fetch_checksums(http, req.url)
             if req.verify == verify.VerifyMode.SIGNATURE:
-                signature = _fetch_signature(http, req.url)
-                verify.verify_signature(ctx, sums, signature)
+                if per_file:
+                    # A per-file list carries its signature inline (cleartext-signed).
+                    sums = verify.verify_cleartext(ctx, sums).encode("utf-8", "surrogateescape")
+                else:
+                    verify.verify_signature(ctx, sums, _fetch_signature(http, sums_url))
         ctx.progress(0.02)
         cache, info = _download(ctx, http, req, pool, lambda f: ctx.progress(0.02 + f * (weight - 0.05)))
         try:
@@ -231,20 +237,25 @@ class _Cache:
             ops.remove_path(self.path)
 
 
-def _fetch_checksums(http: Http, url: str) -> bytes:
-    sums_url = sibling_url(url, "SHA256SUMS")
-    got = http.fetch_small(sums_url)
-    if got is None:
-        # Per-file checksum ("<image>.sha256"), as newer systemd and SUSE use.
-        got = http.fetch_small(url + ".sha256")
+def _fetch_checksums(http: Http, url: str) -> tuple[bytes, str, bool]:
+    """The checksum list as systemd-pull 252 finds it: the per-file
+    "<image>.sha256" first and, if that is not there (404), the directory's
+    SHA256SUMS.  Returns (list, its URL, whether it is the per-file one)."""
+    per_file_url, per_dir_url = verify.checksum_urls(url)
+    if per_file_url != per_dir_url:
+        got = http.fetch_small(per_file_url)
+        if got is not None:
+            return got[0], per_file_url, True
+        log.debug("Got 404 for %s, now trying to get SHA256SUMS instead.", per_file_url)
+    got = http.fetch_small(per_dir_url)
     if got is None:
         raise TransferError("Failed to retrieve SHA256 checksum, cannot verify. (Try --verify=no?)")
-    return got[0]
+    return got[0], per_dir_url, False
 
 
-def _fetch_signature(http: Http, url: str) -> bytes:
-    for name in ("SHA256SUMS.gpg", "SHA256SUMS.asc"):
-        got = http.fetch_small(sibling_url(url, name))
+def _fetch_signature(http: Http, sums_url: str) -> bytes:
+    for signature_url in verify.signature_urls(sums_url):
+        got = http.fetch_small(signature_url)
         if got is not None:
             return got[0]
     raise TransferError("Failed to retrieve signature file, cannot verify. (Try --verify=no?)")

@@ -219,6 +219,50 @@ def test_verification_failures(env, other_key) -> None:
     assert (pool / "img/etc/os-release").exists()
 
 
+def test_per_file_checksum_and_inline_signature(env, other_key) -> None:
+    """As systemd-pull 252: "<image>.sha256" first (over a SHA256SUMS that
+    lists the file wrongly), SHA256SUMS when that is 404; a per-file list is
+    signed inline (cleartext), and only the signed text counts."""
+    pool, server, site, tree = env
+    data = raw_image(2 << 20)
+    site.add("disk.raw", data)
+    (site.root / "SHA256SUMS").write_text(f"{'0' * 64} *disk.raw\n")  # stale: must not be used
+    digest = hashlib.sha256(data).hexdigest()
+    per_file = site.root / "disk.raw.sha256"
+
+    def clearsign(text: str, key_home: Path) -> None:
+        per_file.write_text(text)
+        subprocess.run(["gpg", "--batch", "--yes", "--clearsign", "--output", str(per_file) + ".asc", str(per_file)],
+                       env=dict(os.environ, GNUPGHOME=str(key_home)), check=True, capture_output=True)
+        os.replace(str(per_file) + ".asc", per_file)
+
+    per_file.write_text(f"{digest} *disk.raw\n")
+    mc("pull-raw", "--verify=checksum", server.url("disk.raw"), "d1")
+    assert (pool / "d1.raw").read_bytes() == data
+    clearsign(f"{digest} *disk.raw\n", site.key_home)
+    mc("pull-raw", "--verify=signature", server.url("disk.raw"), "d2")
+    # Signed by a stranger; unsigned; a good line outside the signed text.
+    clearsign(f"{digest} *disk.raw\n", other_key)
+    r = mc("pull-raw", "--verify=signature", server.url("disk.raw"), "d3", ok=False)
+    assert "DOWNLOAD INVALID: Signature verification failed." in r.stderr, r.stderr
+    per_file.write_text(f"{digest} *disk.raw\n")
+    r = mc("pull-raw", "--verify=signature", server.url("disk.raw"), "d3", ok=False)
+    assert "DOWNLOAD INVALID: Signature verification failed." in r.stderr, r.stderr
+    clearsign(f"{'1' * 64} *disk.raw\n", site.key_home)
+    per_file.write_text(per_file.read_text() + f"{digest} *disk.raw\n")
+    for entry in os.listdir(pool.path):  # a cached download is not checked again: download anew
+        if entry.startswith(".raw-"):
+            os.unlink(pool.path / entry)
+    r = mc("pull-raw", "--verify=signature", server.url("disk.raw"), "d3", ok=False)
+    assert "DOWNLOAD INVALID: Checksum of disk.raw file did not check out" in r.stderr, r.stderr
+    # No per-file list: SHA256SUMS.
+    per_file.unlink()
+    site.write_sums(names=["disk.raw"])
+    mc("pull-raw", "--verify=signature", server.url("disk.raw"), "d4")
+    assert "d3" not in visible(pool) and leftovers(pool) == []
+    assert server.count("disk.raw.sha256") >= 6
+
+
 def test_cache_hit_force_and_keep(env) -> None:
     pool, server, site, tree = env
     site.add("img.tar.gz", tar_of(tree, ["gzip", "-c"]))
