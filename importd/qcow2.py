@@ -485,8 +485,14 @@ class _Converter:
         # The sector count is rounded up: the last cluster may end before it.
         end = min(offset + length, self.file_size)
         start = self.window_offset
-        if not (start <= offset and end <= start + len(self.window)):
-            want = min(max(end - offset, _WINDOW), self.file_size - offset)
+        window_end = start + len(self.window)
+        if not (start <= offset and end <= window_end):
+            # Read ahead only while the clusters come in file order, as qemu
+            # packs them; after a jump read just the cluster.  So a hostile
+            # table can neither make us read nor keep (every cluster of a
+            # batch holds on to its window) a window per cluster.
+            sequential = start <= offset <= window_end
+            want = min(max(end - offset, _WINDOW if sequential else 0), self.file_size - offset)
             self.window = os.pread(self.fd, want, offset)
             self.window_offset = start = offset
             end = min(end, offset + len(self.window))

@@ -631,6 +631,37 @@ def test_hostile_image(name: str, tmp_path: Path) -> None:
     assert os.path.getsize(out) <= min(size, kwargs.get("max_size", 64 << 30))
 
 
+def test_compressed_clusters_jumping_about(tmp_path: Path) -> None:
+    """512-byte compressed clusters whose data alternates between two places
+    over 1 MiB apart: each cluster reads (and keeps, until its batch is
+    written) only what it needs, not a read-ahead window of its own."""
+    cb, cs, size = 9, 512, 2 * MiB
+    n_l2 = size // (cs * (cs // 8))
+    first_data = 2 + n_l2
+    a_off, a = first_data * cs, _deflate(b"A" * cs)
+    b_off, b = a_off + MiB + 4096, _deflate(b"B" * cs)
+    entries = [_compressed_entry(a_off if i % 2 == 0 else b_off, len(a if i % 2 == 0 else b), cb)
+               for i in range(size // cs)]
+    clusters = {1: _table(*((2 + i) * cs for i in range(n_l2)), cluster_size=cs)}
+    for i in range(n_l2):
+        clusters[2 + i] = _table(*entries[i * (cs // 8):(i + 1) * (cs // 8)], cluster_size=cs)
+    image = bytearray(_image(_header(cluster_bits=cb, size=size), clusters, cluster_size=cs))
+    image += bytes(b_off + MiB + 4096 - len(image))
+    image[a_off:a_off + len(a)] = a
+    image[b_off:b_off + len(b)] = b
+    tracemalloc.start()
+    t0 = time.monotonic()
+    try:
+        out, got = _convert_bytes(tmp_path, bytes(image))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert time.monotonic() - t0 < 10
+    assert peak < 32 * MiB
+    assert got == size
+    assert out.read_bytes() == (b"A" * cs + b"B" * cs) * (size // (2 * cs))
+
+
 def test_zlib_bomb_stops_at_one_cluster(tmp_path: Path) -> None:
     """A deflate stream of 32 MiB in one compressed cluster: like qemu, the
     first cluster's worth is used and the rest never decompressed."""
