@@ -3,8 +3,16 @@
 httpx's synchronous client does the HTTP; this module adds what a pull needs
 on top: systemd's messages, size caps, conditional requests (If-None-Match),
 resuming a dropped body with a Range request guarded by If-Range, a stall
-timeout (no byte for N seconds), and cancellation that interrupts a blocked
-read by shutting the socket down.
+timeout, and cancellation that interrupts a blocked read by shutting the
+socket down.
+
+Stalls: a read that waits longer than the stall timeout fails (httpx's read
+timeout), and so does a connection that delivers less than LOW_SPEED_LIMIT
+bytes a second over a whole stall timeout, headers included -- a server
+dripping a byte now and then would otherwise keep a transfer forever (curl,
+for systemd-pull, has the same kind of limit).  A watchdog thread shuts the
+sockets down then; sockets are known from the moment they connect (httpx's
+trace hook), so a wait for headers can be cut, or canceled, too.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ import contextlib
 import email.utils
 import hashlib
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -28,12 +37,17 @@ DEFAULT_STALL_TIMEOUT = 30.0
 CONNECT_TIMEOUT = 30.0
 MAX_REDIRECTS = 10
 MAX_RETRIES = 5
+LOW_SPEED_LIMIT = 30  # bytes per second, on average over a stall timeout
 USER_AGENT = "systemd-importd/252 (machined-py)"
 
 # httpcore reads the body 64 KiB at a time and pays a fixed Python cost per
 # read; 1 MiB reads roughly halve the CPU per gigabyte (measured: 270 -> 590
 # MB/s on loopback).  The attribute is httpcore's own knob for this.
 httpcore._sync.http11.HTTP11Connection.READ_NUM_BYTES = 1 << 20
+
+
+class _ConnectFailed(TransferError):
+    """No connection to the server (a resume may try again)."""
 
 
 class HttpError(TransferError):
@@ -93,12 +107,66 @@ class Http:
             trust_env=True,  # http_proxy, https_proxy, no_proxy
         )
         self._sockets: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        # Low-speed watchdog: bytes received, and since when the current
+        # request is being judged (None while no request is in flight).
+        self._received = 0
+        self._since: float | None = None
+        self._since_received = 0
+        self._consuming = False  # in the sink: the time is the consumer's, not the server's
+        self.stalled = False
+        self._closed = threading.Event()
+        self._watchdog = threading.Thread(target=self._watch, name="importd-http-watchdog", daemon=True)
+        self._watchdog.start()
         ctx.cancel_hooks.append(self._interrupt)
 
     def close(self) -> None:
         with contextlib.suppress(ValueError):
             self.ctx.cancel_hooks.remove(self._interrupt)
+        self._closed.set()
         self.client.close()
+
+    def _watch(self) -> None:
+        window = self.options.stall_timeout
+        while not self._closed.wait(min(1.0, window / 4)):
+            with self._lock:
+                if self._since is None:
+                    continue
+                now = time.monotonic()
+                if self._consuming:
+                    self._since, self._since_received = now, self._received
+                    continue
+                if now - self._since < window:
+                    continue
+                slow = self._received - self._since_received < LOW_SPEED_LIMIT * window
+                self._since, self._since_received = now, self._received
+            if slow:
+                self.stalled = True
+                self._interrupt()
+
+    def _begin(self) -> None:
+        with self._lock:
+            self._since, self._since_received = time.monotonic(), self._received
+
+    def _end(self) -> None:
+        with self._lock:
+            self._since = None
+
+    def _got(self, n: int) -> None:
+        self._received += n  # one reader at a time; the watchdog only compares
+
+    def _stall_error(self, url: str) -> TransferError:
+        return TransferError(f"Download of {url} stalled: no data for {self.options.stall_timeout:g} seconds.")
+
+    def _trace(self, event: str, info: dict) -> None:
+        """httpx's trace hook: note each socket as soon as it is connected."""
+        if event.endswith((".connect_tcp.complete", ".connect_unix_socket.complete", ".start_tls.complete")):
+            stream = info.get("return_value")
+            sock = stream.get_extra_info("socket") if stream is not None else None
+            if sock is not None:
+                self._sockets.add(sock)
+                if self.ctx.cancel.is_set() or self.stalled:
+                    self._interrupt()
 
     def __enter__(self) -> Http:
         return self
@@ -114,56 +182,62 @@ class Http:
     @contextlib.contextmanager
     def _request(self, url: str, headers: dict[str, str]) -> Iterator[httpx.Response]:
         self.ctx.check()
+        self.stalled = False
+        self._begin()
         try:
-            with self.client.stream("GET", url, headers=headers) as response:
-                sock = None
+            with self.client.stream("GET", url, headers=headers, extensions={"trace": self._trace}) as response:
                 stream = response.extensions.get("network_stream")
-                if stream is not None:
-                    sock = stream.get_extra_info("socket")
+                sock = stream.get_extra_info("socket") if stream is not None else None
                 if sock is not None:
-                    self._sockets.add(sock)
-                try:
-                    yield response
-                finally:
-                    if sock is not None:
-                        self._sockets.discard(sock)
+                    self._sockets.add(sock)  # a connection reused from an earlier request
+                yield response
         except httpx.TooManyRedirects:
             raise TransferError(f"Too many redirects for {url}.") from None
         except httpx.UnsupportedProtocol:
             raise TransferError(f"Redirect of {url} to an unsupported protocol.") from None
         except httpx.ConnectTimeout:
             self.ctx.check()
-            raise TransferError(f"Timed out connecting to {url}.") from None
+            raise _ConnectFailed(f"Timed out connecting to {url}.") from None
         except httpx.ConnectError as e:
             self.ctx.check()
-            raise TransferError(f"Failed to connect to {url}: {e}") from None
+            raise _ConnectFailed(f"Failed to connect to {url}: {e}") from None
+        except httpx.TransportError as e:  # no headers: dropped, stalled, malformed
+            self.ctx.check()
+            if self.stalled or isinstance(e, httpx.ReadTimeout):
+                raise self._stall_error(url) from None
+            raise
+        finally:
+            self._end()
 
     def fetch_small(self, url: str, limit: int = AUX_MAX) -> tuple[bytes, Download] | None:
         """A side file (checksums, signature, settings): None on 404."""
         info = Download(url)
-        with self._request(url, {}) as response:
-            if response.status_code == 404:
-                self.ctx.log(f"HTTP request to {url} failed with code 404.")
-                return None
-            if response.status_code >= 300:
-                raise HttpError(url, response.status_code)
-            length = response.headers.get("Content-Length")
-            if length and int(length) > limit:
-                raise TransferError("Content too large.")
-            if length:
-                self.ctx.log(f"Downloading {format_bytes(int(length))} for {url}.")
-            data = bytearray()
-            try:
+        try:
+            with self._request(url, {}) as response:
+                if response.status_code == 404:
+                    self.ctx.log(f"HTTP request to {url} failed with code 404.")
+                    return None
+                if response.status_code >= 300:
+                    raise HttpError(url, response.status_code)
+                length = _content_length(response)
+                if length is not None and length > limit:
+                    raise TransferError("Content too large.")
+                if length is not None:
+                    self.ctx.log(f"Downloading {format_bytes(length)} for {url}.")
+                data = bytearray()
                 for chunk in response.iter_raw():
                     self.ctx.check()
+                    self._got(len(chunk))
                     data += chunk
                     if len(data) > limit:
                         raise TransferError("Content too large.")
-            except (httpx.TransportError, httpx.StreamError) as e:
-                self.ctx.check()
-                raise TransferError(f"Download of {url} failed: {e}") from None
-            if length and len(data) != int(length):
-                raise TransferError("Download truncated.")
+                if length is not None and len(data) != length:
+                    raise TransferError("Download truncated.")
+        except (httpx.HTTPError, httpx.StreamError) as e:
+            self.ctx.check()
+            if self.stalled or isinstance(e, httpx.ReadTimeout):
+                raise self._stall_error(url) from None
+            raise TransferError(f"Download of {url} failed: {e}") from None
         info.size = len(data)
         info.etag = response.headers.get("ETag")
         self.ctx.log(f"Acquired {format_bytes(len(data))}.")
@@ -206,8 +280,7 @@ class Http:
                             info.not_modified = True
                             return info
                         info.last_modified = _parse_date(response.headers.get("Last-Modified"))
-                        length = response.headers.get("Content-Length")
-                        total = int(length) if length and length.isdigit() else None
+                        total = _content_length(response)
                         if total is not None and total > max_size:
                             raise TransferError("Content too large.")
                         if total is not None:
@@ -218,16 +291,21 @@ class Http:
                             validator = response.headers["Last-Modified"]
                         if response.headers.get("Accept-Ranges", "").lower() == "none":
                             validator = None
-                    elif status != 206 or not _range_starts_at(response, info.size):
+                    elif status != 206 or not _range_matches(response, info.size, total):
                         raise TransferError(f"The image at {url} changed while it was being downloaded.")
                     for chunk in response.iter_raw():
                         self.ctx.check()
+                        self._got(len(chunk))
                         info.size += len(chunk)
                         if info.size > max_size:
                             raise TransferError("Content too large.")
                         if hash:
                             info.hasher.update(chunk)
-                        sink(chunk)
+                        self._consuming = True
+                        try:
+                            sink(chunk)
+                        finally:
+                            self._consuming = False
                         now = time.monotonic()
                         if total and now - last_report >= 1.0:
                             last_report = now
@@ -236,17 +314,22 @@ class Http:
                             progress(info.size / total)
                 if total is not None and info.size < total:
                     raise httpx.RemoteProtocolError("short body")
+                if total is not None and info.size > total:
+                    raise TransferError(f"The image at {url} changed while it was being downloaded.")
                 break
             except Canceled:
                 raise
             except httpx.ReadTimeout:
                 self.ctx.check()
-                raise TransferError(
-                    f"Download of {url} stalled: no data for {self.options.stall_timeout:g} seconds.") from None
-            except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError, httpx.ConnectError) as e:
+                raise self._stall_error(url) from None
+            except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError, _ConnectFailed) as e:
                 self.ctx.check()
+                if self.stalled:
+                    raise self._stall_error(url) from None
                 attempt += 1
-                if info.size == 0 and info.status == 0 and not isinstance(e, httpx.ConnectError):
+                if info.size == 0 and info.status == 0:
+                    if isinstance(e, _ConnectFailed):
+                        raise
                     raise TransferError(f"Download of {url} failed: {e}") from None
                 if validator is None or attempt > self.options.retries:
                     raise TransferError("Download truncated.") from None
@@ -267,12 +350,30 @@ class Http:
         self.ctx.log(f"Got {percent}% of {url}. {_format_timespan(left)} left at {format_bytes(int(speed))}/s.")
 
 
-def _range_starts_at(response: httpx.Response, offset: int) -> bool:
+def _content_length(response: httpx.Response) -> int | None:
+    """Content-Length, if there is exactly one well-formed value."""
+    values = response.headers.get_list("Content-Length")
+    if len(values) != 1 or not values[0].strip().isdigit():
+        if values:
+            raise TransferError(f"Bad Content-Length from {response.request.url}.")
+        return None
+    return int(values[0])
+
+
+def _range_matches(response: httpx.Response, offset: int, total: int | None) -> bool:
+    """Whether Content-Range is "bytes OFFSET-(TOTAL-1)/TOTAL" (any end and
+    length when the total is not known)."""
     value = response.headers.get("Content-Range", "")
     if not value.startswith("bytes "):
         return False
     try:
-        return int(value[6:].split("-", 1)[0]) == offset
+        span, _, length = value[6:].partition("/")
+        first, _, last = span.partition("-")
+        if int(first) != offset or int(last) < offset:
+            return False
+        if total is None:
+            return True
+        return int(length) == total and int(last) == total - 1
     except ValueError:
         return False
 

@@ -426,7 +426,9 @@ def _fetch_sidecars(http: Http, req: PullRequest, sums: bytes | None) -> dict[st
         url = sibling_url(req.url, stem + suffix)
         try:
             got = http.fetch_small(url)
-        except HttpError:
+        except TransferError as e:  # any failure: as systemd, go on without it
+            if not isinstance(e, HttpError):
+                http.ctx.log(str(e))
             got = None
         if got is None:
             http.ctx.log(f"{what} could not be retrieved, proceeding without.")
@@ -478,6 +480,7 @@ def _make_local(ctx: JobContext, req: PullRequest, pool: Pool, cache: _Cache, si
             else:
                 ops.make_tree_copy(cache.path, tmp, False)
                 _writable_top(tmp)
+            ctx.check()  # a cancel during the copy: no image
             ops.install_image(tmp, final, force=req.force, read_only=req.read_only)
         except BaseException:
             ops.remove_path(tmp)

@@ -298,7 +298,7 @@ def test_http_errors_and_redirects(env) -> None:
     site.add("img.tar", tar_of(tree, None))
     r = mc("pull-tar", "--verify=no", server.url("nosuch.tar"), "x", ok=False)
     assert f"HTTP request to {server.url('nosuch.tar')} failed with code 404." in r.stderr
-    assert "Failed to retrieve image file." in r.stderr
+    assert "Failed to retrieve image file.\n" in r.stderr  # systemd-pull 252 says it so for raw images too
     server.faults["img.tar"] = Fault(status=500)
     r = mc("pull-tar", "--verify=no", server.url("img.tar"), "x", ok=False)
     assert f"HTTP request to {server.url('img.tar')} failed with code 500." in r.stderr
@@ -423,6 +423,7 @@ PULL_SCENARIO = [
     ["pull-tar", "--verify=no", "{u}img.tar.xz"],
     ["pull-tar", "--verify=checksum", "{u}img.tar.xz", "t2"],
     ["pull-tar", "--verify=no", "{u}nosuch.tar.xz"],
+    ["pull-raw", "--verify=no", "{u}nosuch.raw"],
     ["pull-raw", "--verify=checksum", "{u}disk.raw.xz"],
     ["pull-raw", "--verify=no", "{u}disk.raw.xz", "d2"],
     ["pull-tar", "--verify=no", "{u}img.tar.xz", "../bad"],
