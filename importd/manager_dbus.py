@@ -15,13 +15,14 @@ import os
 import stat
 from collections.abc import Callable
 
+import sdbus
 from sdbus import DbusInterfaceCommonAsync, dbus_method_async, dbus_signal_async
 
 from imagepool import ops
 from imagepool.bus import UNPRIVILEGED, require_root, translated
 from imagepool.errors import Errno, InvalidArgs
 from imagepool.image import Pool
-from imagepool.names import image_name_is_valid
+from imagepool.names import hostname_is_valid, image_name_is_valid
 from importd import local, pull
 from importd.http import HttpOptions
 from importd.context import JobContext
@@ -55,8 +56,17 @@ def _check_flags(flags: int, allowed: int) -> None:
 
 
 def _check_name(name: str) -> None:
-    if not image_name_is_valid(name):
-        raise InvalidArgs(f"Local image name {name} is invalid")
+    check_local_name(name)
+
+
+def check_local_name(name: str) -> None:
+    """systemd 252's methods take machine names (host names) and say so in
+    their words; the newer (*Ex) methods take any image name."""
+    if sdbus.get_current_message().member.endswith("Ex"):
+        if not image_name_is_valid(name):
+            raise InvalidArgs(f"Local image name {name} is invalid")
+    elif not hostname_is_valid(name):
+        raise InvalidArgs(f"Local name {name} is invalid")
 
 
 def _check_stream_fd(fd: int) -> None:
@@ -125,7 +135,7 @@ class ImportManagerObject(DbusInterfaceCommonAsync, interface_name="org.freedesk
     async def _pull(self, type: TransferType, url: str, local_name: str, image_class: str, verify_mode: str,
                     force: bool, read_only: bool, keep_download: bool) -> tuple[int, str]:
         await require_root()
-        mode = pull.check_request(url, local_name, verify_mode)
+        mode = pull.check_request(url, local_name, verify_mode, check_local_name)
         pool = self.pool_for(image_class)
         await asyncio.to_thread(ops.setup_pool, pool)
         req = pull.PullRequest(
@@ -153,6 +163,7 @@ class ImportManagerObject(DbusInterfaceCommonAsync, interface_name="org.freedesk
 
     async def _pull_ex(self, type: TransferType, url: str, local_name: str, image_class: str, verify_mode: str,
                        flags: int) -> tuple[int, str]:
+        await require_root()  # as newer systemd: polkit before the arguments
         _check_class(image_class)
         _check_flags(flags, FLAG_FORCE | FLAG_READ_ONLY | FLAG_PULL_KEEP_DOWNLOAD)
         return await self._pull(type, url, local_name, image_class, verify_mode, bool(flags & FLAG_FORCE),

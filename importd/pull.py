@@ -525,10 +525,10 @@ def _write_file(path: str, data: bytes, mode: int, replace: bool) -> None:
         raise
 
 
-def check_request(url: str, local: str, verify_mode: str) -> verify.VerifyMode:
+def check_request(url: str, local: str, verify_mode: str, check_name: Callable[[str], None]) -> verify.VerifyMode:
     """Argument checks of PullTar/PullRaw, in systemd's order."""
     if not url_is_valid(url):
         raise InvalidArgs(f"URL {url} is invalid")
-    if local and not image_name_is_valid(local):
-        raise InvalidArgs(f"Local image name {local} is invalid")
+    if local:
+        check_name(local)
     return verify.parse_verify_mode(verify_mode)

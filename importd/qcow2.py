@@ -462,6 +462,10 @@ class _Converter:
                 break
             got += n
         if got < length:
+            if offset + got < self.file_size:
+                # Shorter than the file was: it changed under us (as qemu's
+                # and systemd's readers, an I/O error, not zeros).
+                raise OSError(errno.EIO, "qcow2 image changed while it was being converted")
             # The last cluster runs past the end of the file (each one of the
             # run starts inside it): there it reads as zeros.
             view[got:] = bytes(length - got)

@@ -484,3 +484,35 @@ def test_pull_messages_match_reference(pool: Pool, daemons: Daemons, tmp_path: P
                        and "could not be retrieved" not in line]
         assert not missing, f"{verb}: lines systemd prints that we don't: {missing}\nours: {our_lines}"
     assert compared >= len(PULL_SCENARIO) - 2
+
+
+PULL_ARGUMENT_ERRORS = [
+    ("PullTar", "ftp://example.invalid/x.tar", "x", "no", "false"),
+    ("PullTar", "http://127.0.0.1:1/x.tar", "../x", "no", "false"),
+    ("PullRaw", "http://127.0.0.1:1/x.raw", "x", "bogus", "false"),
+    ("PullRaw", "http://127.0.0.1:1/x.raw", "a b", "no", "false"),
+    ("PullRaw", "http://127.0.0.1:1/x.raw", "", "no", "false"),  # no name: derived from the URL, then a failed pull
+    ("ExportTar", "../x", "1", ""),
+    ("CancelTransfer", "4711"),
+]
+
+
+@pytest.mark.parametrize("pool", ["plain"], indirect=True)
+def test_pull_argument_errors_match_reference(pool: Pool, daemons: Daemons) -> None:
+    def run_all() -> list[str]:
+        out = []
+        for method, *args in PULL_ARGUMENT_ERRORS:
+            r = subprocess.run(["gdbus", "call", "--system", "--dest", "org.freedesktop.import1", "--object-path",
+                                "/org/freedesktop/import1", "--method", f"org.freedesktop.import1.Manager.{method}",
+                                *args], capture_output=True, text=True, timeout=60)
+            out.append(r.stdout.strip() if r.returncode == 0 else r.stderr.splitlines()[0])
+        return out
+
+    daemons.start("importd", ours=False)
+    reference = run_all()
+    daemons.stop()
+    daemons.start("importd")
+    ours = run_all()
+    assert sum("GDBus.Error" in line for line in reference) == len(PULL_ARGUMENT_ERRORS) - 1, reference
+    for call, theirs, mine in zip(PULL_ARGUMENT_ERRORS, reference, ours):
+        assert mine == theirs, call
