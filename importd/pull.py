@@ -218,7 +218,7 @@ def _pull(ctx: JobContext, req: PullRequest, pool: Pool, name: str) -> None:
             if req.keep_download:
                 _install_cache(ctx, req, pool, cache, info, sidecars)
             ctx.progress(0.95)
-            _make_local(ctx, req, pool, cache, sidecars)
+            _make_local(ctx, req, pool, cache, sidecars, info)
         finally:
             if not req.keep_download or cache.temporary:
                 cache.remove()
@@ -452,23 +452,30 @@ def _install_cache(ctx: JobContext, req: PullRequest, pool: Pool, cache: _Cache,
     """Keep the download as the hidden, read-only cache entry."""
     base = cache.final[:-4] if req.kind == "raw" else cache.final
     if cache.temporary:
-        _set_source_xattrs(cache.path, req.url, info.etag)
-        if info.last_modified:
-            with contextlib.suppress(OSError):
-                os.utime(cache.path, (info.last_modified, info.last_modified))
+        _stamp(cache.path, req, info)
         ops.install_image(cache.path, cache.final, force=True, read_only=True)
         cache.path, cache.temporary = cache.final, False
     for suffix, data in sidecars.items():
         _write_file(base + suffix, data, 0o444, replace=True)
 
 
-def _make_local(ctx: JobContext, req: PullRequest, pool: Pool, cache: _Cache, sidecars: dict[str, bytes]) -> None:
+def _stamp(path: str, req: PullRequest, info: Download) -> None:
+    """Where a download came from (xattrs) and its Last-Modified (mtime)."""
+    _set_source_xattrs(path, req.url, info.etag)
+    if info.last_modified:
+        with contextlib.suppress(OSError):
+            os.utime(path, (info.last_modified, info.last_modified))
+
+
+def _make_local(ctx: JobContext, req: PullRequest, pool: Pool, cache: _Cache, sidecars: dict[str, bytes],
+                info: Download) -> None:
     name = req.local
     final = os.path.join(pool.path, name + (".raw" if req.kind == "raw" else ""))
     if not req.force and pool.exists(name):
         raise TransferError(f"Image '{name}' already exists.")
     if cache.temporary:
         # Not keeping the download: the download itself becomes the image.
+        _stamp(cache.path, req, info)
         ops.install_image(cache.path, final, force=req.force, read_only=req.read_only)
         cache.temporary = False
     else:

@@ -516,3 +516,50 @@ def test_pull_argument_errors_match_reference(pool: Pool, daemons: Daemons) -> N
     assert sum("GDBus.Error" in line for line in reference) == len(PULL_ARGUMENT_ERRORS) - 1, reference
     for call, theirs, mine in zip(PULL_ARGUMENT_ERRORS, reference, ours):
         assert mine == theirs, call
+
+
+def pull_ex(method: str, url: str, name: str, flags: int, image_class: str = "machine") -> str:
+    r = subprocess.run(["gdbus", "call", "--system", "--dest", "org.freedesktop.import1", "--object-path",
+                        "/org/freedesktop/import1", "--method", f"org.freedesktop.import1.Manager.{method}",
+                        url, name, image_class, "no", f"uint64 {flags}"], capture_output=True, text=True, timeout=60)
+    return r.stdout.strip() if r.returncode == 0 else r.stderr.strip()
+
+
+def transfers_done() -> bool:
+    r = subprocess.run(["busctl", "--system", "call", "org.freedesktop.import1", "/org/freedesktop/import1",
+                        "org.freedesktop.import1.Manager", "ListTransfers"], capture_output=True, text=True)
+    return r.stdout.strip() == "a(usssdo) 0"
+
+
+def test_pull_ex_flags(env) -> None:
+    """PullRawEx/PullTarEx (systemd 256): read-only, keep-download or not,
+    force; without keep-download no cache entry is left, and the image
+    itself carries the source and Last-Modified."""
+    pool, server, site, tree = env
+    data = raw_image(1 << 20)
+    site.add("ex.raw", data)
+    site.add("ex.tar", tar_of(tree, None))
+    out = pull_ex("PullRawEx", server.url("ex.raw"), "exr", 2)  # read-only, download not kept
+    assert out.startswith("(uint32 "), out
+    world.wait_for(transfers_done, 30, "the pull to finish")
+    image = pool.path / "exr.raw"
+    assert image.read_bytes() == data
+    assert not os.stat(image).st_mode & 0o222
+    assert not [p for p in os.listdir(pool.path) if p.startswith(".raw-")]
+    assert os.getxattr(image, "user.source_url").decode() == server.url("ex.raw")
+    assert os.stat(image).st_mtime == int(os.stat(site.root / "ex.raw").st_mtime)
+    out = pull_ex("PullTarEx", server.url("ex.tar"), "ext", 4)  # download kept
+    assert out.startswith("(uint32 "), out
+    world.wait_for(transfers_done, 30, "the pull to finish")
+    assert (pool.path / "ext/etc/os-release").exists()
+    assert [p for p in os.listdir(pool.path) if p.startswith(".tar-")]
+    # Without force an existing image is refused by the transfer; with it, replaced.
+    assert pull_ex("PullRawEx", server.url("ex.raw"), "exr", 0).startswith("(uint32 ")
+    world.wait_for(transfers_done, 30, "the pull to finish")
+    assert not os.stat(image).st_mode & 0o222
+    assert pull_ex("PullRawEx", server.url("ex.raw"), "exr", 1).startswith("(uint32 ")
+    world.wait_for(transfers_done, 30, "the pull to finish")
+    assert os.stat(image).st_mode & 0o200
+    assert "Flags 0x8 invalid" in pull_ex("PullRawEx", server.url("ex.raw"), "x", 8)
+    assert "Image class 'nope' not known" in pull_ex("PullRawEx", server.url("ex.raw"), "x", 0, "nope")
+    assert leftovers(pool) == []
