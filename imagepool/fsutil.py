@@ -184,6 +184,18 @@ class Statfs(NamedTuple):
     read_only: bool  # ST_RDONLY: the mount or the file system is read-only
 
 
+def syncfs(path: str) -> None:
+    """syncfs(2) of the file system PATH is on: everything written to it is
+    on disk when this returns."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        if _libc.syncfs(fd) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, f"Failed to synchronize file to disk: {os.strerror(code)}", path)
+    finally:
+        os.close(fd)
+
+
 def statfs(path: str | int) -> Statfs:
     """statfs(2) of PATH (symlinks followed), or fstatfs(2) of an fd."""
     buf = _StatfsBuf()

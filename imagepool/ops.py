@@ -376,14 +376,18 @@ def remove_path(path: str) -> None:
             os.unlink(path)
 
 
-def install_image(tmp: str, final: str, *, force: bool, read_only: bool) -> None:
-    """Move the finished temporary TMP into place at FINAL.
+def install_image(tmp: str, final: str, *, force: bool, read_only: bool, sync: bool = False) -> None:
+    """Move the finished temporary TMP into place at FINAL (with SYNC, once
+    its file system has it all on disk, so that a crash can't leave a
+    partial image under the final name).
 
     Without FORCE an existing FINAL is an error (EEXIST).  With FORCE the
     old image is swapped out atomically (RENAME_EXCHANGE) and then removed,
     so FINAL never stops existing and never holds a partial image."""
     if read_only and not os.path.isdir(tmp):
         os.chmod(tmp, os.stat(tmp).st_mode & 0o7555)
+    if sync:
+        fsutil.syncfs(tmp)
     if force and os.path.lexists(final):
         if fsutil.get_immutable(final):
             fsutil.set_immutable(final, False)

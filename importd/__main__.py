@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 
 from imagepool import daemon
 from imagepool.image import Pool
 from importd.http import DEFAULT_STALL_TIMEOUT, MAX_RETRIES, HttpOptions
+from importd import local
 from importd.local import DEFAULT_MAX_IMAGE_SIZE
 from importd.manager_dbus import MANAGER_PATH, ImportManagerObject
 
@@ -16,9 +18,9 @@ log = logging.getLogger("importd")
 BUS_NAME = "org.freedesktop.import1"
 
 
-async def serve(pool_path: str, max_image_size: int, http: HttpOptions, stop: asyncio.Event) -> None:
+async def serve(pool_path: str, max_image_size: int, http: HttpOptions, sync: bool, stop: asyncio.Event) -> None:
     bus = daemon.open_system_bus()
-    manager = ImportManagerObject(Pool(pool_path), max_image_size, http)
+    manager = ImportManagerObject(Pool(pool_path), max_image_size, http, sync)
     manager.export_to_dbus(MANAGER_PATH)
     await daemon.request_name(bus, BUS_NAME)
     daemon.sd_notify("READY=1\nSTATUS=Processing requests...")
@@ -39,10 +41,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="fail a download that receives no data for this many seconds (default: %(default)s)")
     parser.add_argument("--retries", type=int, default=MAX_RETRIES,
                         help="how often a dropped download is resumed (default: %(default)s)")
+    parser.add_argument("--sync", action=argparse.BooleanOptionalAction, default=local.sync_default(),
+                        help="have an image on disk before it is installed, as systemd-import and systemd-pull "
+                             "do (default: yes, or $SYSTEMD_IMPORT_SYNC)")
     args = parser.parse_args(argv)
     daemon.setup_logging(args.debug)
     http = HttpOptions(stall_timeout=args.stall_timeout, retries=args.retries)
-    return daemon.run(lambda stop: serve(args.pool, args.max_image_size, http, stop))
+    return daemon.run(lambda stop: serve(args.pool, args.max_image_size, http, args.sync, stop))
+
 
 
 if __name__ == "__main__":

@@ -86,8 +86,16 @@ def _finish(ctx: JobContext) -> None:
 # --- imports ---------------------------------------------------------------------
 
 
+def sync_default() -> bool:
+    """Whether to sync before installing: yes, unless $SYSTEMD_IMPORT_SYNC
+    says no (as systemd-import and systemd-pull)."""
+    value = os.environ.get("SYSTEMD_IMPORT_SYNC", "").strip().lower()
+    return value not in ("0", "no", "n", "false", "f", "off")
+
+
+
 def import_tar(ctx: JobContext, fd: int, pool: Pool, name: str, force: bool, read_only: bool,
-               max_size: int = DEFAULT_MAX_IMAGE_SIZE) -> None:
+               max_size: int = DEFAULT_MAX_IMAGE_SIZE, sync: bool = True) -> None:
     _check_target(pool, name, force)
     ctx.log(f"Importing '{fd_path(fd)}', saving as '{name}'.")
     with exiting_on_failure(ctx):
@@ -98,7 +106,7 @@ def import_tar(ctx: JobContext, fd: int, pool: Pool, name: str, force: bool, rea
                 sub = ctx.derive(ProgressLogger(ctx, "Imported"))
                 unpack_tar(sub, fd, tmp, size_limit(pool, max_size), size=_input_size(fd))
                 _check_target(pool, name, force)
-                ops.install_image(tmp, os.path.join(pool.path, name), force=force, read_only=read_only)
+                ops.install_image(tmp, os.path.join(pool.path, name), force=force, read_only=read_only, sync=sync)
             except BaseException:
                 ops.remove_path(tmp)
                 raise
@@ -123,7 +131,7 @@ def unpack_tar(ctx: JobContext, fd: int, directory: str, limit: int, size: int |
 
 
 def import_raw(ctx: JobContext, fd: int, pool: Pool, name: str, force: bool, read_only: bool,
-               max_size: int = DEFAULT_MAX_IMAGE_SIZE) -> None:
+               max_size: int = DEFAULT_MAX_IMAGE_SIZE, sync: bool = True) -> None:
     _check_target(pool, name, force)
     ctx.log(f"Importing '{fd_path(fd)}', saving as '{name}'.")
     with exiting_on_failure(ctx):
@@ -134,7 +142,8 @@ def import_raw(ctx: JobContext, fd: int, pool: Pool, name: str, force: bool, rea
                 size = write_image(ctx, fd, tmp, limit)
                 ctx.log(f"Wrote {format_bytes(size)}.")
                 _check_target(pool, name, force)
-                ops.install_image(tmp, os.path.join(pool.path, name + ".raw"), force=force, read_only=read_only)
+                ops.install_image(tmp, os.path.join(pool.path, name + ".raw"), force=force, read_only=read_only,
+                                  sync=sync)
             except BaseException:
                 ops.remove_path(tmp)
                 raise
@@ -215,7 +224,8 @@ def convert_qcow2(ctx: JobContext, qcow_fd: int, raw_path: str, limit: int) -> i
         os.close(out)
 
 
-def import_fs(ctx: JobContext, dir_fd: int, pool: Pool, name: str, force: bool, read_only: bool) -> None:
+def import_fs(ctx: JobContext, dir_fd: int, pool: Pool, name: str, force: bool, read_only: bool,
+              sync: bool = True) -> None:
     _check_target(pool, name, force)
     ctx.log(f"Importing '{fd_path(dir_fd)}', saving as '{name}'.")
     with exiting_on_failure(ctx):
@@ -227,7 +237,7 @@ def import_fs(ctx: JobContext, dir_fd: int, pool: Pool, name: str, force: bool, 
                 ops.make_tree_copy(f"/proc/{os.getpid()}/fd/{dir_fd}", tmp, False)
                 ctx.check()
                 _check_target(pool, name, force)
-                ops.install_image(tmp, final, force=force, read_only=read_only)
+                ops.install_image(tmp, final, force=force, read_only=read_only, sync=sync)
             except BaseException:
                 ops.remove_path(tmp)
                 raise

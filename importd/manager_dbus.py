@@ -85,11 +85,12 @@ def _check_dir_fd(fd: int) -> None:
 
 class ImportManagerObject(DbusInterfaceCommonAsync, interface_name="org.freedesktop.import1.Manager"):
     def __init__(self, machine_pool: Pool, max_image_size: int = local.DEFAULT_MAX_IMAGE_SIZE,
-                 http: HttpOptions | None = None) -> None:
+                 http: HttpOptions | None = None, sync: bool = True) -> None:
         super().__init__()
         self.machine_pool = machine_pool
         self.max_image_size = max_image_size
         self.http = http or HttpOptions()
+        self.sync = sync
         self.transfers = TransferManager()
         self.objects: dict[int, TransferObject] = {}
         self.transfers.on_new = self._transfer_new
@@ -141,7 +142,7 @@ class ImportManagerObject(DbusInterfaceCommonAsync, interface_name="org.freedesk
         req = pull.PullRequest(
             kind="tar" if type == TransferType.PULL_TAR else "raw", url=url, local=local_name, verify=mode,
             force=force, read_only=read_only, keep_download=keep_download, settings=image_class == "machine",
-            max_size=self.max_image_size, http=self.http)
+            max_size=self.max_image_size, http=self.http, sync=self.sync)
         job = functools.partial(pull.pull, req=req, pool=pool)
         return self._start(type, local_name, job, -1, image_class, remote=url, verify=str(mode))
 
@@ -202,13 +203,13 @@ class ImportManagerObject(DbusInterfaceCommonAsync, interface_name="org.freedesk
         pool = await self._prepare_import(fd, name, image_class, type == TransferType.IMPORT_FS)
         if type == TransferType.IMPORT_TAR:
             job = functools.partial(local.import_tar, fd=fd, pool=pool, name=name, force=force,
-                                    read_only=read_only, max_size=self.max_image_size)
+                                    read_only=read_only, max_size=self.max_image_size, sync=self.sync)
         elif type == TransferType.IMPORT_RAW:
             job = functools.partial(local.import_raw, fd=fd, pool=pool, name=name, force=force,
-                                    read_only=read_only, max_size=self.max_image_size)
+                                    read_only=read_only, max_size=self.max_image_size, sync=self.sync)
         else:
             job = functools.partial(local.import_fs, dir_fd=fd, pool=pool, name=name, force=force,
-                                    read_only=read_only)
+                                    read_only=read_only, sync=self.sync)
         return self._start(type, name, job, fd, image_class)
 
     async def _export(self, type: TransferType, name: str, image_class: str, fd: int,

@@ -69,6 +69,7 @@ class PullRequest:
     settings: bool = True
     max_size: int = DEFAULT_MAX_IMAGE_SIZE
     http: HttpOptions | None = None
+    sync: bool = True  # on disk before it is installed, as systemd-pull's --sync=yes
 
 
 # --- URLs and names ----------------------------------------------------------------
@@ -453,7 +454,7 @@ def _install_cache(ctx: JobContext, req: PullRequest, pool: Pool, cache: _Cache,
     base = cache.final[:-4] if req.kind == "raw" else cache.final
     if cache.temporary:
         _stamp(cache.path, req, info)
-        ops.install_image(cache.path, cache.final, force=True, read_only=True)
+        ops.install_image(cache.path, cache.final, force=True, read_only=True, sync=req.sync)
         cache.path, cache.temporary = cache.final, False
     for suffix, data in sidecars.items():
         _write_file(base + suffix, data, 0o444, replace=True)
@@ -476,7 +477,7 @@ def _make_local(ctx: JobContext, req: PullRequest, pool: Pool, cache: _Cache, si
     if cache.temporary:
         # Not keeping the download: the download itself becomes the image.
         _stamp(cache.path, req, info)
-        ops.install_image(cache.path, final, force=req.force, read_only=req.read_only)
+        ops.install_image(cache.path, final, force=req.force, read_only=req.read_only, sync=req.sync)
         cache.temporary = False
     else:
         tmp = ops.temp_name(pool.path, name + (".raw" if req.kind == "raw" else ""))
@@ -488,7 +489,7 @@ def _make_local(ctx: JobContext, req: PullRequest, pool: Pool, cache: _Cache, si
                 ops.make_tree_copy(cache.path, tmp, False)
                 _writable_top(tmp)
             ctx.check()  # a cancel during the copy: no image
-            ops.install_image(tmp, final, force=req.force, read_only=req.read_only)
+            ops.install_image(tmp, final, force=req.force, read_only=req.read_only, sync=req.sync)
         except BaseException:
             ops.remove_path(tmp)
             raise

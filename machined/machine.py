@@ -11,18 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import enum
 import errno
 import logging
 import os
 import re
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from imagepool import fsutil
 from imagepool.errors import Errno, InvalidArgs, PoolError
 from imagepool.metadata import parse_env_file
 from imagepool.names import bus_label_escape, hostname_is_valid
@@ -237,16 +236,15 @@ def pidfd_open(pid: int) -> int:
 
 
 PIDFS_MAGIC = 0x50494446
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def pidfd_id(pidfd: int) -> int:
     """The pidfd's inode number, unique per process on pidfs (Linux 6.9+);
     0 where pidfds share one anonymous inode."""
-    buf = ctypes.create_string_buffer(256)  # struct statfs; f_type comes first
-    if _libc.fstatfs(pidfd, buf) != 0:
-        return 0
-    if int.from_bytes(buf.raw[:ctypes.sizeof(ctypes.c_long)], sys.byteorder) != PIDFS_MAGIC:
+    try:
+        if fsutil.statfs(pidfd).magic != PIDFS_MAGIC:
+            return 0
+    except OSError:
         return 0
     return os.fstat(pidfd).st_ino
 

@@ -9,6 +9,7 @@ import io
 import os
 import re
 import subprocess
+import sys
 import tarfile
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from imagepool import btrfs, fsutil
+from importd.local import sync_default
 from tests import world
 from tests.conftest import Daemons, Pool, machinectl
 from tests.imagetree import describe_tree, make_os_tree, make_rich_tree
@@ -354,3 +356,43 @@ def test_size_cap_is_configurable(tmp_path: Path) -> None:
         local.import_raw(JobContext(), f.fileno(), ImagePool(str(pool_dir), []), "b", False, False,
                          max_size=16 << 20)
     assert os.listdir(pool_dir) == []
+
+
+@pytest.mark.parametrize("sync", [True, False])
+def test_import_syncs_before_install(tmp_path: Path, sync: bool) -> None:
+    """As systemd-import's --sync=yes (the default): the image's file system
+    is synced (syncfs) before the image gets its final name; not with
+    --no-sync.  Seen with strace on a real import."""
+    src = tmp_path / "disk.raw"
+    src.write_bytes(os.urandom(1 << 20))
+    pool_dir = tmp_path / "pool"
+    pool_dir.mkdir()
+    script = (
+        "import sys\n"
+        "from imagepool.image import Pool\n"
+        "from importd import local\n"
+        "from importd.context import JobContext\n"
+        f"with open({str(src)!r}, 'rb') as f:\n"
+        f"    local.import_raw(JobContext(), f.fileno(), Pool({str(pool_dir)!r}, []), 'disk', False, False,"
+        f" sync={sync})\n"
+    )
+    trace = tmp_path / "trace"
+    r = subprocess.run(["strace", "-f", "-qq", "-e", "trace=syncfs,rename,renameat2", "-o", str(trace),
+                        sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                       cwd=world.REPO)
+    assert r.returncode == 0, r.stderr
+    assert (pool_dir / "disk.raw").read_bytes() == src.read_bytes()
+    calls = [line.split(None, 1)[1] for line in trace.read_text().splitlines() if "(" in line]
+    syncs = [i for i, c in enumerate(calls) if c.startswith("syncfs(")]
+    installs = [i for i, c in enumerate(calls) if c.startswith("rename") and "disk.raw\"" in c]
+    assert installs, calls
+    if sync:
+        assert syncs and syncs[0] < installs[-1], calls
+    else:
+        assert not syncs, calls
+
+
+def test_sync_default_follows_systemd_import_sync(monkeypatch: pytest.MonkeyPatch) -> None:
+    for value, expected in (("", True), ("1", True), ("yes", True), ("0", False), ("no", False), ("off", False)):
+        monkeypatch.setenv("SYSTEMD_IMPORT_SYNC", value)
+        assert sync_default() is expected
