@@ -184,6 +184,18 @@ class Statfs(NamedTuple):
     read_only: bool  # ST_RDONLY: the mount or the file system is read-only
 
 
+_SYNC_FILE_RANGE_WRITE = 2
+_libc.sync_file_range.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """sync_file_range(SYNC_FILE_RANGE_WRITE): have the kernel start writing
+    that range out now (it does not wait for it)."""
+    if _libc.sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
 def syncfs(path: str) -> None:
     """syncfs(2) of the file system PATH is on: everything written to it is
     on disk when this returns."""

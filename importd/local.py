@@ -139,7 +139,7 @@ def import_raw(ctx: JobContext, fd: int, pool: Pool, name: str, force: bool, rea
         with image_name_lock(name):
             tmp = ops.temp_name(pool.path, name + ".raw")
             try:
-                size = write_image(ctx, fd, tmp, limit)
+                size = write_image(ctx, fd, tmp, limit, writeback=sync)
                 ctx.log(f"Wrote {format_bytes(size)}.")
                 _check_target(pool, name, force)
                 ops.install_image(tmp, os.path.join(pool.path, name + ".raw"), force=force, read_only=read_only,
@@ -150,7 +150,7 @@ def import_raw(ctx: JobContext, fd: int, pool: Pool, name: str, force: bool, rea
     _finish(ctx)
 
 
-def write_image(ctx: JobContext, fd: int, path: str, limit: int) -> int:
+def write_image(ctx: JobContext, fd: int, path: str, limit: int, writeback: bool = False) -> int:
     """The raw image read from FD (compressed, qcow2 or plain), written
     sparse to the new file PATH; returns its size."""
     if _input_size(fd) is not None and qcow2.is_qcow2(os.pread(fd, QCOW2_HEAD, 0)):
@@ -158,7 +158,7 @@ def write_image(ctx: JobContext, fd: int, path: str, limit: int) -> int:
         return convert_qcow2(ctx, fd, path, limit)
     out = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:
-        size = write_raw(ctx, fd, out, limit)
+        size = write_raw(ctx, fd, out, limit, writeback)
         return size if size is not None else convert_qcow2_in_place(ctx, out, path, limit)
     finally:
         os.close(out)
@@ -174,7 +174,7 @@ def convert_qcow2_in_place(ctx: JobContext, qcow_fd: int, path: str, limit: int)
         ops.remove_path(path + ".qcow2")
 
 
-def write_raw(ctx: JobContext, fd: int, out: int, limit: int) -> int | None:
+def write_raw(ctx: JobContext, fd: int, out: int, limit: int, writeback: bool = False) -> int | None:
     """Copy the (decompressed) input into OUT, sparse.  Returns the size, or
     None when the data turned out to be qcow2 (left in OUT for conversion)."""
     progress = ProgressLogger(ctx, "Imported")
@@ -186,7 +186,7 @@ def write_raw(ctx: JobContext, fd: int, out: int, limit: int) -> int | None:
                 raise TransferError(f"Image of {size} bytes exceeds the size limit of {limit} bytes")
             sparse.copy_sparse(fd, out, ctx.derive(progress), size)
             return size
-    writer = sparse.SparseWriter(out)
+    writer = sparse.SparseWriter(out, writeback=writeback)
     first = True
     is_qcow = False
     sub = ctx.derive(progress)

@@ -298,11 +298,15 @@ class _DirectRaw:
     the download thread writes it straight to the image file, skipping the
     pipe and the hand-over to the other thread."""
 
-    def __init__(self, tmp: str, head: bytes) -> None:
+    def __init__(self, tmp: str, head: bytes, writeback: bool) -> None:
         self.out = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         self.qcow = qcow2.is_qcow2(head[:4])
-        self.writer = sparse.SparseWriter(self.out)
+        self.writer = sparse.SparseWriter(self.out, writeback=writeback)
         self.offset = 0
+        # (a qcow2 file is cloned from or read once it is complete: written
+        # back early, it needs no flush then)
+        self.writeback = writeback
+        self.written_back = 0
 
     def write(self, chunk: bytes) -> None:
         if self.qcow:
@@ -311,6 +315,10 @@ class _DirectRaw:
                 n = os.pwrite(self.out, view, self.offset)
                 self.offset += n
                 view = view[n:]
+            if self.writeback and self.offset - self.written_back >= sparse.WRITEBACK_EVERY:
+                with contextlib.suppress(OSError):
+                    fsutil.start_writeback(self.out, self.written_back, self.offset - self.written_back)
+                self.written_back = self.offset
         else:
             self.writer.write(chunk)
 
@@ -344,7 +352,7 @@ def _stream_into(ctx: JobContext, http: Http, req: PullRequest, tmp: str, etags:
         if not mode:
             head = bytes(chunk[:6])
             if req.kind == "raw" and len(head) == 6 and compress.detect(head) == compress.Compression.NONE:
-                direct.append(_DirectRaw(tmp, head))
+                direct.append(_DirectRaw(tmp, head, req.sync))
                 mode.append("direct")
             else:
                 mode.append("pipe")
@@ -414,7 +422,7 @@ def _unpack(ctx: JobContext, req: PullRequest, read_fd: int, tmp: str, limit: in
     if req.kind == "tar":
         ops.make_tree_dir(tmp)
         return unpack_tar(quiet, read_fd, tmp, limit)
-    return write_image(quiet, read_fd, tmp, limit)
+    return write_image(quiet, read_fd, tmp, limit, writeback=req.sync)
 
 
 def _fetch_sidecars(http: Http, req: PullRequest, sums: bytes | None) -> dict[str, bytes]:

@@ -12,18 +12,21 @@ first).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
 import struct
 from typing import Any
 
+from imagepool import fsutil
 from importd.context import JobContext
 
 FICLONE = 0x40049409  # _IOW(0x94, 9, int)
 FICLONERANGE = 0x4020940D  # _IOW(0x94, 13, struct file_clone_range)
 
 _COPY_PIECE = 4 << 20  # bytes read at a time by copy_sparse
+WRITEBACK_EVERY = 32 << 20
 _BLOCK = 64 * 1024
 _MAX_IOV = 512
 
@@ -91,13 +94,19 @@ class SparseWriter:
     blocks (counted from that offset) that are all zeros are not written and
     stay holes.  Non-zero runs are written with one pwrite each."""
 
-    def __init__(self, fd: int, block_size: int = _BLOCK) -> None:
+    def __init__(self, fd: int, block_size: int = _BLOCK, writeback: bool = False) -> None:
+        """With WRITEBACK the kernel is asked to start writing each
+        WRITEBACK_EVERY bytes out as soon as they are written: when the
+        file is to be synced at the end anyway, the disk works while we
+        decompress, and the final sync has little left to do."""
         if block_size <= 0:
             raise ValueError("block_size must be positive")
         self.fd = fd
         self.block_size = block_size
         self.offset = os.lseek(fd, 0, os.SEEK_CUR)  # the logical end so far
         self._partial = bytearray()  # the start of a block not yet complete
+        self.writeback = writeback
+        self._written_back = self.offset
 
     def write(self, data: Any) -> None:
         if not isinstance(data, (bytes, bytearray)):
@@ -136,6 +145,10 @@ class SparseWriter:
         self.offset = base + whole
         if whole < n:
             self._partial += view[whole:]
+        if self.writeback and self.offset - self._written_back >= WRITEBACK_EVERY:
+            with contextlib.suppress(OSError):
+                fsutil.start_writeback(self.fd, self._written_back, self.offset - self._written_back)
+            self._written_back = self.offset
 
     def finish(self) -> int:
         """Write what is left, set the file size (trailing holes included)
