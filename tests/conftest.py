@@ -74,6 +74,7 @@ def btrfs_mount(tmp_path: Path):
     world.mount_btrfs(tmp_path / "btrfs.img", mnt, "1G")
     yield mnt
     world.umount(mnt)
+    (tmp_path / "btrfs.img").unlink()
 
 
 @pytest.fixture(params=["btrfs", "plain"])
@@ -88,6 +89,14 @@ def pool(request: pytest.FixtureRequest, tmp_path: Path):
         subprocess.run(["mount", "--bind", str(plain), str(POOL)], check=True)
     yield Pool(POOL, request.param)
     subprocess.run(["umount", "-R", str(POOL)], check=True)
+    # Give the space back now, not at the end of the session: a btrfs pool's
+    # file holds what the test wrote, and read-only images of a plain pool are
+    # immutable (pytest could not even remove them).
+    if request.param == "btrfs":
+        (tmp_path / "pool.img").unlink()
+    else:
+        subprocess.run(["chattr", "-R", "-i", str(tmp_path / "plain-pool")], stderr=subprocess.DEVNULL)
+        subprocess.run(["rm", "-rf", str(tmp_path / "plain-pool")], check=True)
     # Locks and settings live outside the pool; a test must not leak them.
     subprocess.run(["rm", "-rf", "/run/systemd/nspawn"], check=True)
     subprocess.run("rm -rf /etc/systemd/nspawn/* /etc/systemd/import-pubring.gpg /run/systemd/machines/*",
