@@ -87,7 +87,16 @@ BIG_FILES = 2000
 SMALL_FILES = 2000
 
 
-from common import Cleanups, enter_private_mount_namespace, note, rm_tree, run, setup_namespace, umount  # noqa: E402
+from common import (  # noqa: E402
+    Cleanups,
+    enter_private_mount_namespace,
+    host_load,
+    note,
+    rm_tree,
+    run,
+    setup_namespace,
+    umount,
+)
 
 
 class Client:
@@ -471,17 +480,6 @@ def row(pool: str, test: str, samples: dict[str, list[float]], unit: str = "s") 
     f = stats(samples["reference"]) if "reference" in samples else {}
     ratio = o["median"] / f["median"] if f.get("median") and o.get("median") is not None else None
     return {"pool": pool, "test": test, "unit": unit, "ours": o, "reference": f, "ratio": ratio}
-
-
-def host_load() -> dict:
-    """Load average and CPU pressure: other work on the machine makes the numbers noisy."""
-    out: dict = {"loadavg": [round(x, 2) for x in os.getloadavg()]}
-    try:
-        some = Path("/proc/pressure/cpu").read_text().splitlines()[0]
-        out["cpu_pressure_some"] = {k: float(v) for k, v in (f.split("=") for f in some.split()[1:4])}
-    except (OSError, IndexError, ValueError):
-        pass
-    return out
 
 
 def log_findings(logdir: Path) -> list[str]:

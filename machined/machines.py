@@ -204,29 +204,30 @@ class MachineManager:
             raise NoSuchProcess(machine.leader)
         # Name and leader are taken from here on: the checks above and this
         # run with no await between them.
+        machine.unit = scope_unit_name(name)
         self.pending[name] = machine.leader
+        job = None
         try:
-            has_systemd = await self.systemd.has_owner()
-            if not has_systemd:
-                # No systemd to make a scope: a cgroup of our own, if we may;
-                # the unit's name is the scope's all the same (ours, not systemd's).
-                machine.cgroup = make_machine_cgroup(name, machine.leader)
-                machine.unit = scope_unit_name(name)
-                machine.own_unit = True
-                machine.state = MachineState.RUNNING
-                del self.pending[name]
-                try:
-                    self.registry.add(machine)
-                except BaseException:
-                    if machine.cgroup:
-                        remove_cgroup(machine.cgroup)
-                    raise
-                return machine
-            machine.unit = scope_unit_name(name)
-            machine.state = MachineState.OPENING
-            job = await self.systemd.start_transient_scope(machine.unit, scope_properties(machine) + list(properties))
+            if await self.systemd.has_owner():
+                machine.state = MachineState.OPENING
+                job = await self.systemd.start_transient_scope(machine.unit,
+                                                               scope_properties(machine) + list(properties))
         finally:
-            self.pending.pop(name, None)
+            del self.pending[name]
+        if job is None:
+            # No systemd to make a scope: a cgroup of our own, if we may; the
+            # unit's name is the scope's all the same (ours, not systemd's).
+            # (Nothing awaited since they stopped being pending: still free.)
+            machine.cgroup = make_machine_cgroup(name, machine.leader)
+            machine.own_unit = True
+            machine.state = MachineState.RUNNING
+            try:
+                self.registry.add(machine)
+            except BaseException:
+                if machine.cgroup:
+                    remove_cgroup(machine.cgroup)
+                raise
+            return machine
         machine.scope_job = job.path
         try:
             self.registry.add(machine)
