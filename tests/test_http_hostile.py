@@ -6,10 +6,11 @@ for a moment in the middle of a body."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -79,6 +80,18 @@ class RawServer:
             t.join(timeout=10)
 
 
+@contextlib.contextmanager
+def serving(handler: Callable[[socket.socket, bytes], None], stop: threading.Event) -> Iterator[RawServer]:
+    """A RawServer for the test; STOP (which its handlers watch) is set and
+    the server closed at the end."""
+    server = RawServer(handler)
+    try:
+        yield server
+    finally:
+        stop.set()
+        server.close()
+
+
 def drip(conn: socket.socket, data: bytes, every: float, stop: threading.Event) -> None:
     for byte in data:
         if stop.wait(every):
@@ -109,23 +122,18 @@ def test_dripping_body_stalls(stop: threading.Event) -> None:
         conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 10240\r\n\r\n")
         drip(conn, BODY, 0.25, stop)  # 4 bytes a second, each read well within the stall timeout
 
-    server = RawServer(handler)
-    try:
+    with serving(handler, stop) as server:
         t0 = time.monotonic()
         with pytest.raises(TransferError, match="stalled"):
             run_stream(server.url(), options(stall=1.0))
         assert time.monotonic() - t0 < 5
-    finally:
-        stop.set()
-        server.close()
 
 
 def test_dripping_headers_stall(stop: threading.Event) -> None:
     def handler(conn: socket.socket, request: bytes) -> None:
         drip(conn, b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 10000 + b"\r\n\r\n", 0.25, stop)
 
-    server = RawServer(handler)
-    try:
+    with serving(handler, stop) as server:
         t0 = time.monotonic()
         with pytest.raises(TransferError, match="stalled"):
             run_stream(server.url(), options(stall=1.0))
@@ -133,26 +141,19 @@ def test_dripping_headers_stall(stop: threading.Event) -> None:
         # A side file (fetch_small) as well.
         with Http(JobContext(), options(stall=1.0)) as http, pytest.raises(TransferError, match="stalled"):
             http.fetch_small(server.url("/img.nspawn"))
-    finally:
-        stop.set()
-        server.close()
 
 
 def test_cancel_while_waiting_for_headers(stop: threading.Event) -> None:
     def handler(conn: socket.socket, request: bytes) -> None:
         stop.wait(60)  # never answers
 
-    server = RawServer(handler)
     ctx = JobContext()
-    try:
+    with serving(handler, stop) as server:
         threading.Timer(0.5, ctx.request_cancel).start()
         t0 = time.monotonic()
         with pytest.raises(Canceled):
             run_stream(server.url(), options(stall=30.0), ctx)
         assert time.monotonic() - t0 < 5
-    finally:
-        stop.set()
-        server.close()
 
 
 def test_resume_with_a_wrong_range_fails(stop: threading.Event) -> None:
@@ -166,14 +167,10 @@ def test_resume_with_a_wrong_range_fails(stop: threading.Event) -> None:
             conn.sendall(b'HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 4000-20479/20480\r\n'
                          b'Content-Length: 16480\r\nETag: "v1"\r\n\r\n' + bytes(16480))
 
-    server = RawServer(handler)
-    try:
+    with serving(handler, stop) as server:
         with pytest.raises(TransferError, match="changed while it was being downloaded"):
             run_stream(server.url(), options())
         assert b"range: bytes=4000-" in server.requests[1].lower()
-    finally:
-        stop.set()
-        server.close()
 
 
 def test_resume_after_the_server_was_gone_for_a_moment(stop: threading.Event) -> None:
@@ -209,10 +206,6 @@ def test_duplicate_content_length_is_an_error(stop: threading.Event) -> None:
     def handler(conn: socket.socket, request: bytes) -> None:
         conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello")
 
-    server = RawServer(handler)
-    try:
+    with serving(handler, stop) as server:
         with Http(JobContext(), options()) as http, pytest.raises(TransferError):
             http.fetch_small(server.url("/img.nspawn"))
-    finally:
-        stop.set()
-        server.close()

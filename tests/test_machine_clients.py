@@ -380,6 +380,47 @@ def process_gone(pid: int) -> bool:
         return True
 
 
+class StrayingLeader:
+    """A leader (sh) that, once released, starts a process that leaves its
+    tree (the subshell that started it exits) and becomes sleep itself.
+    stop() kills both."""
+
+    def __init__(self, pidfile: Path, ignore_term: bool = False) -> None:
+        self.pidfile = pidfile
+        trap = "trap '' TERM; " if ignore_term else ""
+        self.proc = subprocess.Popen(["sh", "-c", f"read go; ({trap}sleep 1000 & echo $! > {pidfile}); "
+                                                  "exec sleep 1000"], stdin=subprocess.PIPE, text=True)
+        self.pid = self.proc.pid
+        self.stray = 0
+
+    def release(self) -> int:
+        """Let the stray go; its PID, once it has left the leader's tree."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+        world.wait_for(lambda: self.pidfile.exists() and self.pidfile.read_text().strip(), 10, "the stray process")
+        self.stray = int(self.pidfile.read_text())
+        world.wait_for(lambda: Path(f"/proc/{self.pid}/comm").read_text() == "sleep\n"
+                       and self.stray not in descendants(self.pid), 10, "the stray to leave the leader's tree")
+        return self.stray
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        if self.stray and not process_gone(self.stray):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.stray, signal.SIGKILL)
+            world.wait_for(lambda: process_gone(self.stray), 10, "the stray process to die")
+
+
+def remove_cgroup_dir(path: Path) -> None:
+    """Remove a cgroup a test made or left behind, once it is empty."""
+    if path.exists():
+        world.wait_for(lambda: not (path / "cgroup.procs").read_text().split(), 10, "an empty cgroup")
+        with contextlib.suppress(FileNotFoundError):
+            path.rmdir()
+
+
 def create_and_terminate(tmp_path: Path, name: str, escaped: str, label: str, own_cgroup: bool) -> None:
     """CreateMachine with a leader that, once registered, starts a process
     that leaves the leader's tree (its parent exits; it is reparented); then
@@ -389,10 +430,7 @@ def create_and_terminate(tmp_path: Path, name: str, escaped: str, label: str, ow
     unit name, LABEL as in an object path."""
     unit = f"machine-{escaped}.scope"
     scope = CGROUP_ROOT / "machine.slice" / unit
-    pidfile = tmp_path / f"{name}.stray"
-    leader = subprocess.Popen(["sh", "-c", f"read go; (sleep 1000 & echo $! > {pidfile}); exec sleep 1000"],
-                              stdin=subprocess.PIPE, text=True)
-    stray = 0
+    leader = StrayingLeader(tmp_path / f"{name}.stray")
     try:
         r = busctl("call", *MANAGER, "CreateMachine", "sayssusa(sv)", name, "0", "svc", "container", str(leader.pid),
                    "", "0")
@@ -406,14 +444,7 @@ def create_and_terminate(tmp_path: Path, name: str, escaped: str, label: str, ow
         else:
             assert not scope.exists()
 
-        assert leader.stdin is not None
-        leader.stdin.write("go\n")
-        leader.stdin.flush()
-        world.wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), 10, "the stray process")
-        stray = int(pidfile.read_text())
-        # Its parent (the subshell) is gone, the leader is sleep now.
-        world.wait_for(lambda: Path(f"/proc/{leader.pid}/comm").read_text() == "sleep\n"
-                       and stray not in descendants(leader.pid), 10, "the stray to leave the leader's tree")
+        stray = leader.release()
         assert not process_gone(stray)
 
         if own_cgroup:
@@ -423,25 +454,15 @@ def create_and_terminate(tmp_path: Path, name: str, escaped: str, label: str, ow
 
         r = machinectl("terminate", name)
         assert r.returncode == 0, r.stderr
-        leader.wait(timeout=15)
+        leader.proc.wait(timeout=15)
         world.wait_for(lambda: machinectl("show", name).returncode != 0, 15, f"{name} to go away")
         assert not Path(f"/run/systemd/machines/{name}").exists()
         if own_cgroup:
             world.wait_for(lambda: process_gone(stray), 15, "the stray process to be killed")
-            assert not scope.exists()
-        else:
-            assert not scope.exists()
+        assert not scope.exists()
     finally:
-        leader.kill()
-        leader.wait()
-        if stray and not process_gone(stray):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(stray, signal.SIGKILL)
-            world.wait_for(lambda: process_gone(stray), 10, "the stray process to die")
-        if scope.exists():  # only if the test failed
-            world.wait_for(lambda: not (scope / "cgroup.procs").read_text().split(), 10, "an empty cgroup")
-            with contextlib.suppress(FileNotFoundError):
-                scope.rmdir()
+        leader.stop()
+        remove_cgroup_dir(scope)  # only if the test failed
 
 
 @pytest.mark.parametrize("pool", ["plain"], indirect=True)
@@ -493,22 +514,14 @@ def test_machine_lasts_while_its_cgroup_has_processes(pool: Pool, machined_only:
     after the SIGKILL that follows for processes ignoring it."""
     with cgroup_v2_at_root():
         scope = CGROUP_ROOT / "machine.slice" / "machine-left.scope"
-        pidfile = tmp_path / "stray"
-        leader = subprocess.Popen(["sh", "-c", f"read go; (trap '' TERM; sleep 1000 & echo $! > {pidfile}); "
-                                               "exec sleep 1000"], stdin=subprocess.PIPE, text=True)
-        stray = 0
+        leader = StrayingLeader(tmp_path / "stray", ignore_term=True)
         try:
             r = busctl("call", *MANAGER, "CreateMachine", "sayssusa(sv)", "left", "0", "svc", "container",
                        str(leader.pid), "", "0")
             assert r.returncode == 0, r.stderr
-            assert leader.stdin is not None
-            leader.stdin.write("go\n")
-            leader.stdin.flush()
-            world.wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), 10, "the stray process")
-            stray = int(pidfile.read_text())
-            world.wait_for(lambda: Path(f"/proc/{leader.pid}/comm").read_text() == "sleep\n", 10, "the leader")
-            leader.kill()
-            leader.wait()
+            stray = leader.release()
+            leader.proc.kill()
+            leader.proc.wait()
             time.sleep(1.5)  # several of machined's looks at the cgroup
             assert show("left", "State") == "running"
             assert gdbus("GetMachineByPID", str(stray)) == f"(objectpath '{machine_path('left')}',)"
@@ -522,16 +535,8 @@ def test_machine_lasts_while_its_cgroup_has_processes(pool: Pool, machined_only:
             world.wait_for(lambda: machinectl("show", "left").returncode != 0, 10, "left to go away")
             assert not scope.exists()
         finally:
-            leader.kill()
-            leader.wait()
-            if stray and not process_gone(stray):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(stray, signal.SIGKILL)
-                world.wait_for(lambda: process_gone(stray), 10, "the stray process to die")
-            if scope.exists():  # only if the test failed
-                world.wait_for(lambda: not (scope / "cgroup.procs").read_text().split(), 10, "an empty cgroup")
-                with contextlib.suppress(FileNotFoundError):
-                    scope.rmdir()
+            leader.stop()
+            remove_cgroup_dir(scope)  # only if the test failed
 
 
 # --- 6. the Manager's signals, with their arguments -------------------------------------------------------------------

@@ -18,7 +18,7 @@ import pytest
 
 from tests import world
 from tests.conftest import Daemons, Pool, busctl, machinectl
-from tests.test_machine_clients import CGROUP_ROOT, cgroup_v2_at_root
+from tests.test_machine_clients import CGROUP_ROOT, StrayingLeader, cgroup_v2_at_root, remove_cgroup_dir
 
 MANAGER = ("org.freedesktop.machine1", "/org/freedesktop/machine1", "org.freedesktop.machine1.Manager")
 FAKE = Path(__file__).with_name("fake_systemd1.py")
@@ -317,6 +317,7 @@ def test_systemd_units_of_machines(pool: Pool, machined_only: Daemons, fake_syst
         service = CGROUP_ROOT / "system.slice" / "fake-nspawn.service"
         scope = CGROUP_ROOT / "machine.slice" / "machine-scoped.scope"
         procs = []
+        scoped = StrayingLeader(tmp_path / "stray")
         made_slice = not service.parent.exists()
         try:
             service.mkdir(parents=True)
@@ -336,21 +337,12 @@ def test_systemd_units_of_machines(pool: Pool, machined_only: Daemons, fake_syst
             assert [c["args"] for c in fake_systemd.calls("StopUnit")] == [["fake-nspawn.service", "fail"]]
 
             (fake_systemd.directory / "place").write_text("yes")
-            pidfile = tmp_path / "stray"
-            scoped = subprocess.Popen(["sh", "-c", f"read go; (sleep 1000 & echo $! > {pidfile}); exec sleep 1000"],
-                                      stdin=subprocess.PIPE, text=True)
-            procs.append(scoped)
             r = busctl("call", *MANAGER, "CreateMachine", "sayssusa(sv)", "scoped", "0", "svc", "container",
                        str(scoped.pid), "", "0")
             assert r.returncode == 0, r.stderr
             assert (scope / "cgroup.procs").read_text().split() == [str(scoped.pid)]
-            assert scoped.stdin is not None
-            scoped.stdin.write("go\n")
-            scoped.stdin.flush()
-            world.wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), 10, "the stray process")
-            stray = int(pidfile.read_text())
-            world.wait_for(lambda: Path(f"/proc/{scoped.pid}/comm").read_text() == "sleep\n", 10, "the leader")
-            stop(scoped)
+            stray = scoped.release()
+            stop(scoped.proc)
             time.sleep(1.5)
             assert show("scoped", "State") == "running"
             os.kill(stray, signal.SIGKILL)
@@ -358,10 +350,9 @@ def test_systemd_units_of_machines(pool: Pool, machined_only: Daemons, fake_syst
         finally:
             for p in procs:
                 stop(p)
+            scoped.stop()
             for path in (scope, service):
-                if path.exists():
-                    world.wait_for(lambda: not (path / "cgroup.procs").read_text().split(), 10, "an empty cgroup")
-                    path.rmdir()
+                remove_cgroup_dir(path)
             if made_slice:
                 service.parent.rmdir()
 
