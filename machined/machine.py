@@ -303,16 +303,7 @@ def process_alive(pid: int) -> bool:
 
 def process_unit(pid: int) -> str:
     """The systemd unit of a process, from its cgroup path ("" if none)."""
-    try:
-        with open(f"/proc/{pid}/cgroup") as f:
-            text = f.read()
-    except OSError:
-        return ""
-    for line in text.splitlines():
-        parts = line.split(":", 2)
-        if len(parts) == 3 and parts[0] == "0":
-            return cgroup_unit(parts[2])
-    return ""
+    return cgroup_unit(process_cgroup(pid))
 
 
 _UNIT_SUFFIXES = (".service", ".scope", ".socket", ".mount", ".swap", ".target", ".device", ".automount",
@@ -340,6 +331,8 @@ class MachineRegistry:
         self.on_removed: list[Callable[[Machine], None]] = []
         self.host = self._make_host()
         self.machines[self.host.name] = self.host
+        # Our own unit: processes sharing it are nobody's machine by unit.
+        self.own_unit = process_unit(os.getpid())
 
     @staticmethod
     def _make_host() -> Machine:
@@ -373,7 +366,7 @@ class MachineRegistry:
                 return m
         cgroup = process_cgroup(pid)
         unit = cgroup_unit(cgroup)
-        if unit and unit != process_unit(os.getpid()):
+        if unit and unit != self.own_unit:
             for m in self.machines.values():
                 if not m.is_host and m.unit == unit:
                     return m
