@@ -203,7 +203,7 @@ class Http:
         except httpx.ConnectError as e:
             self.ctx.check()
             raise _ConnectFailed(f"Failed to connect to {url}: {e}") from None
-        except httpx.TransportError as e:  # no headers: dropped, stalled, malformed
+        except httpx.TransportError as e:  # headers or body: the one place stalls are told apart
             self.ctx.check()
             if self.stalled or isinstance(e, httpx.ReadTimeout):
                 raise self._stall_error(url) from None
@@ -237,8 +237,6 @@ class Http:
                     raise TransferError("Download truncated.")
         except (httpx.HTTPError, httpx.StreamError) as e:
             self.ctx.check()
-            if self.stalled or isinstance(e, httpx.ReadTimeout):
-                raise self._stall_error(url) from None
             raise TransferError(f"Download of {url} failed: {e}") from None
         info.size = len(data)
         info.etag = response.headers.get("ETag")
@@ -321,13 +319,8 @@ class Http:
                 break
             except Canceled:
                 raise
-            except httpx.ReadTimeout:
-                self.ctx.check()
-                raise self._stall_error(url) from None
             except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError, _ConnectFailed) as e:
                 self.ctx.check()
-                if self.stalled:
-                    raise self._stall_error(url) from None
                 attempt += 1
                 if info.size == 0 and info.status == 0:
                     if isinstance(e, _ConnectFailed):
