@@ -9,11 +9,17 @@ PYTHON ?= python3
 APT_PACKAGES := python3 python3-venv python3-pip dbus-daemon systemd-container btrfs-progs \
 	libbtrfsutil-dev systemd-userdbd libnss-mymachines qemu-utils gnupg xz-utils zstd \
 	busybox-static attr acl e2fsprogs fdisk util-linux coreutils tar mount gcc pkg-config \
-	bzip2 strace curl iproute2 procps bsdutils
+	bzip2 strace curl iproute2 procps bsdutils debootstrap rsync isal nginx-light
+SID_PACKAGES := systemd,systemd-container,dbus,systemd-userdbd,btrfs-progs,xz-utils,zstd,gnupg,busybox-static,libarchive13t64,curl,ca-certificates
+ROOTS := $(CURDIR)/.cache/roots
 
-.PHONY: deps apt venv run test bench clean
+.PHONY: deps apt venv roots run test bench clean
 
-deps: apt venv
+deps: apt venv roots
+
+# Debian sid with the newest systemd: its clients and daemons are the tests' second reference.
+roots: apt
+	tools/build-root sid sid $(SID_PACKAGES) $(ROOTS)
 
 apt:
 	@missing=$$(for p in $(APT_PACKAGES); do \
@@ -32,7 +38,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: deps
-	$(PY) -m tests.world run
+	$(PY) -m imagepool.dev run $(CURDIR)/.run
 
 test: deps
 	$(PY) -m pytest

@@ -315,7 +315,7 @@ def _rescanning(fd: int, status: int) -> bool:
         return True
     buf = bytearray(64)
     fcntl.ioctl(fd, _QUOTA_RESCAN_STATUS, buf)
-    return struct.unpack_from("=Q", buf)[0] != 0
+    return bool(struct.unpack_from("=Q", buf)[0])
 
 
 @dataclass(frozen=True)

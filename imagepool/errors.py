@@ -1,21 +1,22 @@
-"""The domain errors of both services.
+"""The domain errors of both services, and the one table of their names.
 
-Every error the services raise on purpose derives from PoolError.  Each class
-names the D-Bus error it becomes; the one place that turns them into D-Bus
-errors is ``imagepool.dbus.errors``.  An OSError that escapes an operation is
-reported the way sd-bus reports an errno (``System.Error.E…``).
+Every error the services raise on purpose derives from PoolError and knows
+nothing of buses.  What a client sees is looked up here: ``dbus_name()`` for
+the D-Bus front ends (``imagepool.dbus`` turns errors into replies), and
+``varlink_name()`` for the Varlink ones.  An errno (Errno, or an OSError that
+escapes an operation) is named the way sd-bus names it
+(``System.Error.E…``), and reported over Varlink as io.systemd.System.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+from dataclasses import dataclass
 
 
 class PoolError(Exception):
     """Base class: a failure with a message meant for the client."""
-
-    dbus_name = "org.freedesktop.DBus.Error.Failed"
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -26,27 +27,23 @@ class PoolError(Exception):
 
 
 class InvalidArgs(PoolError):
-    dbus_name = "org.freedesktop.DBus.Error.InvalidArgs"
+    """An argument is malformed (Varlink: InvalidParameter PARAMETER)."""
+
+    def __init__(self, message: str, parameter: str = "") -> None:
+        super().__init__(message)
+        self.parameter = parameter
 
 
 class NotSupported(PoolError):
-    dbus_name = "org.freedesktop.DBus.Error.NotSupported"
+    pass
 
 
 class AccessDenied(PoolError):
-    dbus_name = "org.freedesktop.DBus.Error.AccessDenied"
+    pass
 
 
 class LimitsExceeded(PoolError):
-    dbus_name = "org.freedesktop.DBus.Error.LimitsExceeded"
-
-
-class NoSuchImage(PoolError):
-    dbus_name = "org.freedesktop.machine1.NoSuchImage"
-
-    def __init__(self, name: str) -> None:
-        super().__init__(f"No image '{name}' known")
-        self.name = name
+    pass
 
 
 class MetadataError(PoolError):
@@ -60,9 +57,108 @@ class Errno(PoolError):
         super().__init__(message or os.strerror(code))
         self.errno = code
 
-    @property
-    def dbus_name(self) -> str:  # type: ignore[override]
-        return errno_dbus_name(self.errno)
+
+class RemoteError(PoolError):
+    """An error another service (systemd, a machine's bus) answered us with:
+    passed on to our caller under its own name."""
+
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(message)
+        self.name = name
+
+
+# --- images and machines (machined) ---------------------------------------------
+
+
+class NoSuchImage(PoolError):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"No image '{name}' known")
+        self.name = name
+
+
+class NoSuchMachine(PoolError):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"No machine '{name}' known")
+        self.name = name
+
+
+class MachineExists(PoolError):
+    pass
+
+
+class NoMachineForPID(PoolError):
+    pass
+
+
+class NoPrivateNetworking(PoolError):
+    pass
+
+
+class NoSuchUserMapping(PoolError):
+    pass
+
+
+class NoSuchGroupMapping(PoolError):
+    pass
+
+
+class JobFailed(PoolError):
+    """A job systemd ran for us (a machine's scope) did not end in "done"."""
+
+
+# --- transfers (importd) -----------------------------------------------------------
+
+
+class TransferInProgress(PoolError):
+    pass
+
+
+class NoSuchTransfer(PoolError):
+    pass
+
+
+class TransferError(PoolError):
+    """A transfer's job failed; the message is logged to the client as is."""
+
+
+class ReportedFailure(TransferError):
+    """A failure whose message the job has already logged (followed by
+    "Exiting.", as systemd's workers do once they got going)."""
+
+
+# --- the table ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Names:
+    """What a client sees of an error: its D-Bus name, and its Varlink name
+    (one starting with "." is relative to the interface being served; None:
+    the generic errno reply)."""
+
+    dbus: str
+    varlink: str | None = None
+
+
+_FAILED = "org.freedesktop.DBus.Error.Failed"
+
+NAMES: dict[type[PoolError], Names] = {
+    PoolError: Names(_FAILED),
+    InvalidArgs: Names("org.freedesktop.DBus.Error.InvalidArgs", "org.varlink.service.InvalidParameter"),
+    NotSupported: Names("org.freedesktop.DBus.Error.NotSupported", ".NotSupported"),
+    AccessDenied: Names("org.freedesktop.DBus.Error.AccessDenied", "org.varlink.service.PermissionDenied"),
+    LimitsExceeded: Names("org.freedesktop.DBus.Error.LimitsExceeded", ".TooManyOperations"),
+    NoSuchImage: Names("org.freedesktop.machine1.NoSuchImage", "io.systemd.MachineImage.NoSuchImage"),
+    NoSuchMachine: Names("org.freedesktop.machine1.NoSuchMachine", "io.systemd.Machine.NoSuchMachine"),
+    MachineExists: Names("org.freedesktop.machine1.MachineExists", "io.systemd.Machine.MachineExists"),
+    NoMachineForPID: Names("org.freedesktop.machine1.NoMachineForPID", "io.systemd.Machine.NoSuchMachine"),
+    NoPrivateNetworking: Names("org.freedesktop.machine1.NoPrivateNetworking",
+                               "io.systemd.Machine.NoPrivateNetworking"),
+    NoSuchUserMapping: Names("org.freedesktop.machine1.NoSuchUserMapping", "io.systemd.Machine.NoSuchUser"),
+    NoSuchGroupMapping: Names("org.freedesktop.machine1.NoSuchGroupMapping", "io.systemd.Machine.NoSuchGroup"),
+    JobFailed: Names("org.freedesktop.systemd1.JobFailed"),
+    TransferInProgress: Names("org.freedesktop.import1.TransferInProgress", "io.systemd.Import.AlreadyInProgress"),
+    NoSuchTransfer: Names("org.freedesktop.import1.NoSuchTransfer"),
+}
 
 
 # errnos that sd-bus reports under the generic names (bus-error.c).
@@ -91,11 +187,38 @@ _GENERIC_ERRNO_NAMES = {
 def errno_dbus_name(code: int) -> str:
     """The D-Bus error name sd-bus gives an errno: a few map to the generic
     names (bus-error.c), the rest become ``System.Error.<SYMBOL>``."""
-    symbol = errno.errorcode.get(code)
     if code in _GENERIC_ERRNO_NAMES:
         return _GENERIC_ERRNO_NAMES[code]
-    return f"System.Error.{symbol}" if symbol else "org.freedesktop.DBus.Error.Failed"
+    symbol = errno.errorcode.get(code)
+    return f"System.Error.{symbol}" if symbol else _FAILED
 
 
-def from_oserror(exc: OSError) -> Errno:
-    return Errno(exc.errno or errno.EIO)
+def _names(exc: PoolError) -> Names:
+    for cls in type(exc).__mro__:
+        names = NAMES.get(cls)
+        if names is not None:
+            return names
+    return NAMES[PoolError]
+
+
+def dbus_name(exc: PoolError) -> str:
+    """The D-Bus error name of a domain error."""
+    if isinstance(exc, Errno):
+        return errno_dbus_name(exc.errno)
+    if isinstance(exc, RemoteError):
+        return exc.name
+    return _names(exc).dbus
+
+
+VARLINK_ERRNO = "io.systemd.System"
+
+
+def varlink_name(exc: PoolError, interface: str) -> str:
+    """The Varlink error name of a domain error, served on INTERFACE;
+    io.systemd.System (with the errno as parameter) where there is none."""
+    if isinstance(exc, Errno):
+        return VARLINK_ERRNO
+    name = _names(exc).varlink
+    if name is None:
+        return VARLINK_ERRNO
+    return interface + name if name.startswith(".") else name

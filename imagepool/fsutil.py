@@ -98,7 +98,8 @@ def statx(path: str, dir_fd: int = AT_FDCWD, follow: bool = True) -> Statx:
 
 
 def _get_flags(fd: int) -> int:
-    return struct.unpack("l", fcntl.ioctl(fd, _FS_IOC_GETFLAGS, b"\0" * 8))[0]
+    flags: int = struct.unpack("l", fcntl.ioctl(fd, _FS_IOC_GETFLAGS, b"\0" * 8))[0]
+    return flags
 
 
 def get_immutable(path: str, dir_fd: int = AT_FDCWD, follow: bool = False) -> bool:
@@ -130,7 +131,8 @@ def set_immutable(path: str, immutable: bool) -> None:
 def block_device_size(path: str) -> int:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        return struct.unpack("Q", fcntl.ioctl(fd, _BLKGETSIZE64, b"\0" * 8))[0]
+        size: int = struct.unpack("Q", fcntl.ioctl(fd, _BLKGETSIZE64, b"\0" * 8))[0]
+        return size
     finally:
         os.close(fd)
 
@@ -138,7 +140,7 @@ def block_device_size(path: str) -> int:
 def block_device_read_only(path: str) -> bool:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        return struct.unpack("i", fcntl.ioctl(fd, _BLKROGET, b"\0" * 4))[0] != 0
+        return bool(struct.unpack("i", fcntl.ioctl(fd, _BLKROGET, b"\0" * 4))[0])
     finally:
         os.close(fd)
 

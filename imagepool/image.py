@@ -127,7 +127,8 @@ class _Scan:
         if not _statx_only(st, mount):
             return self._make(name, path, st, mount, dir_fd, file)
         image = self._unchanged(path, st) or self._make(name, path, st, mount, dir_fd, file)
-        self.made[path] = (st, image)
+        if image is not None:
+            self.made[path] = (st, image)
         return image
 
     def _unchanged(self, path: str, facts: object) -> Image | None:

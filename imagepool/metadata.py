@@ -7,25 +7,14 @@ capped in size: an image is untrusted input.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import stat
 from dataclasses import dataclass, field
 
+from imagepool.syscalls import open_in_root
+
 MAX_FILE = 64 * 1024
-
-_SYS_OPENAT2 = 437  # the same number on every architecture (new-style syscall)
-_RESOLVE_NO_MAGICLINKS = 0x02
-_RESOLVE_IN_ROOT = 0x10
-
-
-class _OpenHow(ctypes.Structure):
-    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
 
 
 @dataclass
@@ -34,18 +23,6 @@ class ImageMetadata:
     machine_id: bytes = b""
     machine_info: dict[str, str] = field(default_factory=dict)
     os_release: dict[str, str] = field(default_factory=dict)
-
-
-def open_in_root(root_fd: int, path: str, flags: int = os.O_RDONLY) -> int:
-    """Open PATH below ROOT_FD as if ROOT_FD were "/"."""
-    how = _OpenHow(flags | os.O_CLOEXEC | os.O_NOCTTY, 0, _RESOLVE_IN_ROOT | _RESOLVE_NO_MAGICLINKS)
-    fd = _libc.syscall(
-        _SYS_OPENAT2, ctypes.c_int(root_fd), os.fsencode(path), ctypes.byref(how), ctypes.sizeof(how)
-    )
-    if fd < 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code), path)
-    return int(fd)
 
 
 def read_file_in_root(root_fd: int, path: str, limit: int = MAX_FILE) -> str | None:
@@ -139,13 +116,19 @@ def parse_hostname(text: str | None) -> str:
     return ""
 
 
+def read_os_release(root_fd: int) -> str | None:
+    """The os-release text of the tree at ROOT_FD: /etc's, else /usr/lib's."""
+    text = read_file_in_root(root_fd, "/etc/os-release")
+    if text is None:
+        text = read_file_in_root(root_fd, "/usr/lib/os-release")
+    return text
+
+
 def read_tree_metadata(root: str) -> ImageMetadata:
     """Read the metadata files of the OS tree at ROOT."""
     root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        os_release = read_file_in_root(root_fd, "/etc/os-release")
-        if os_release is None:
-            os_release = read_file_in_root(root_fd, "/usr/lib/os-release")
+        os_release = read_os_release(root_fd)
         machine_info = read_file_in_root(root_fd, "/etc/machine-info")
         return ImageMetadata(
             hostname=parse_hostname(read_file_in_root(root_fd, "/etc/hostname")),

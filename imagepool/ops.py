@@ -2,48 +2,30 @@
 
 Each function is blocking (callers run it in a worker thread), takes the image
 locks that nspawn honours, and raises PoolError/OSError.  New images are
-built under a hidden ``.#`` name and renamed into place only when complete.
+built under a hidden ``.#`` name and renamed into place only when complete
+(the primitives are in ``imagepool.tree``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import logging
 import os
-import secrets
 import shutil
-import subprocess
 
 from imagepool import btrfs, fsutil
 from imagepool.errors import Errno, InvalidArgs, NotSupported, PoolError
 from imagepool.image import UINT64_MAX, Image, ImageType, Pool, pool_target
 from imagepool.locks import image_name_lock, image_path_lock
 from imagepool.names import image_name_is_valid
+from imagepool.syscalls import rename_noreplace
+from imagepool.tree import apply_read_only, copy_file_sparse, make_tree_copy, remove_tree, temp_name
 
 SETTINGS_DIRS = ("/etc/systemd/nspawn", "/run/systemd/nspawn")
 SIDECAR_SUFFIXES = (".roothash", ".roothash.p7s", ".usrhash", ".usrhash.p7s", ".verity")
 
 log = logging.getLogger(__name__)
-
-_RENAME_NOREPLACE = 1
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _raise_errno(code: int, path: str | None = None) -> None:
-    raise OSError(code, os.strerror(code), path)
-
-
-def rename_noreplace(old: str, new: str) -> None:
-    if _libc.renameat2(-100, os.fsencode(old), -100, os.fsencode(new), _RENAME_NOREPLACE) != 0:
-        _raise_errno(ctypes.get_errno(), new)
-
-
-def temp_name(directory: str, name: str) -> str:
-    """A hidden temporary path next to the final one (".#<name><16 hex>")."""
-    return os.path.join(directory, f".#{name}{secrets.token_hex(8)}")
-
 
 def settings_paths(image: Image, name: str | None = None) -> list[str]:
     """Where the .nspawn settings of an image may live."""
@@ -63,7 +45,7 @@ def _companions(image: Image, new_name: str | None = None) -> list[tuple[str, st
     if new_name is None:
         return [(p, None) for p in old]
     new = settings_paths(image, new_name) + sidecar_paths(image, new_name)
-    return list(zip(old, new))
+    return list(zip(old, new, strict=True))
 
 
 def _refuse_immutable(image: Image) -> None:
@@ -72,40 +54,6 @@ def _refuse_immutable(image: Image) -> None:
 
 
 # --- removal ------------------------------------------------------------------
-
-
-def remove_tree(path: str) -> None:
-    """Remove a directory tree: immutable files, nested subvolumes and all."""
-    if os.path.islink(path) or not os.path.isdir(path):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        return
-    if btrfs.is_subvolume(path):
-        with contextlib.suppress(OSError):
-            fsutil.set_immutable(path, False)
-        btrfs.delete_subvolume(path)
-        return
-    with contextlib.suppress(OSError):
-        fsutil.set_immutable(path, False)
-    if _rm_rf(path):
-        return
-    # Something refused: immutable or append-only files, or nested
-    # subvolumes that rmdir can't take.  Clear the flags, delete the
-    # subvolumes one by one, then try again.
-    subprocess.run(["chattr", "-R", "-f", "-i", "-a", path], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for root, dirs, _files in os.walk(path, topdown=False):
-        for d in dirs:
-            p = os.path.join(root, d)
-            if not os.path.islink(p) and btrfs.is_subvolume(p):
-                btrfs.delete_subvolume(p)
-    if not _rm_rf(path):
-        r = subprocess.run(["rm", "-rf", "--", path], capture_output=True, text=True)
-        raise PoolError(f"Failed to remove '{path}': {r.stderr.strip()}")
-
-
-def _rm_rf(path: str) -> bool:
-    r = subprocess.run(["rm", "-rf", "--", path], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return r.returncode == 0 and not os.path.lexists(path)
 
 
 def remove_image(image: Image) -> None:
@@ -160,59 +108,6 @@ def rename_image(pool: Pool, image: Image, new_name: str) -> None:
 
 
 # --- clone --------------------------------------------------------------------
-
-
-def copy_tree(src: str, dst: str) -> None:
-    """Copy the contents of SRC into the existing directory DST: reflinks where
-    the file system can, else full copies keeping owners, modes, xattrs, ACLs,
-    hardlinks, symlinks, device nodes and timestamps."""
-    r = subprocess.run(
-        ["cp", "-a", "--reflink=auto", "--no-target-directory", "--", src + "/.", dst],
-        capture_output=True, text=True,
-    )
-    if r.returncode != 0:
-        raise PoolError(f"Failed to copy '{src}': {r.stderr.strip().splitlines()[-1] if r.stderr else 'cp failed'}")
-
-
-def copy_file_sparse(src: str, dst: str) -> None:
-    r = subprocess.run(
-        ["cp", "--reflink=auto", "--sparse=always", "--preserve=timestamps,xattr", "--", src, dst],
-        capture_output=True, text=True,
-    )
-    if r.returncode != 0:
-        raise PoolError(f"Failed to copy '{src}': {r.stderr.strip()}")
-
-
-def make_tree_copy(src: str, dst: str, read_only: bool) -> bool:
-    """Build DST (which must not exist) as a copy of SRC: a btrfs snapshot
-    where possible (read-only at once if asked; returns True), else a new
-    subvolume (or a directory off btrfs) filled by copy_tree (returns False:
-    the caller makes it read-only once it is in place)."""
-    if btrfs.is_subvolume(src) and btrfs.is_btrfs(os.path.dirname(dst)):
-        try:
-            btrfs.snapshot(src, dst, read_only=read_only)
-            return True
-        except OSError as e:
-            # Another btrfs file system: copy instead.
-            if e.errno != errno.EXDEV:
-                raise
-    try:
-        btrfs.create_subvolume(dst)
-    except OSError:
-        os.mkdir(dst, 0o755)
-    try:
-        copy_tree(src, dst)
-    except BaseException:
-        remove_tree(dst)
-        raise
-    return False
-
-
-def apply_read_only(path: str) -> None:
-    if btrfs.is_subvolume(path):
-        btrfs.set_read_only(path, True)
-    else:
-        fsutil.set_immutable(path, True)
 
 
 def clone_image(pool: Pool, image: Image, new_name: str, read_only: bool) -> None:
@@ -329,71 +224,3 @@ def clean_pool(pool: Pool, mode: str) -> list[tuple[str, int]]:
             raise PoolError(f"Failed to remove image '{name}': {e}") from e
         removed.append((name, image.usage_exclusive))
     return removed
-
-
-# --- installing new images (importd) ---------------------------------------------
-
-_RENAME_EXCHANGE = 2
-
-
-def rename_exchange(a: str, b: str) -> None:
-    if _libc.renameat2(-100, os.fsencode(a), -100, os.fsencode(b), _RENAME_EXCHANGE) != 0:
-        _raise_errno(ctypes.get_errno(), b)
-
-
-def setup_pool(pool: Pool) -> None:
-    """Create the pool directory if it is missing: a btrfs subvolume when
-    the parent is on btrfs (so it can carry a quota), else a directory."""
-    if os.path.isdir(pool.path):
-        return
-    parent = os.path.dirname(pool.path)
-    os.makedirs(parent, mode=0o755, exist_ok=True)
-    try:
-        if btrfs.is_btrfs(parent):
-            btrfs.create_subvolume(pool.path)
-            os.chmod(pool.path, 0o700)
-            return
-    except OSError:
-        pass
-    os.makedirs(pool.path, mode=0o700, exist_ok=True)
-
-
-def make_tree_dir(path: str) -> None:
-    """A new, empty directory image: a subvolume on btrfs, else a directory."""
-    try:
-        btrfs.create_subvolume(path)
-    except OSError:
-        os.mkdir(path, 0o755)
-    os.chmod(path, 0o755)
-
-
-def remove_path(path: str) -> None:
-    """Remove whatever is at PATH (an image or a temporary), if anything."""
-    if os.path.isdir(path) and not os.path.islink(path):
-        remove_tree(path)
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-
-
-def install_image(tmp: str, final: str, *, force: bool, read_only: bool, sync: bool = False) -> None:
-    """Move the finished temporary TMP into place at FINAL (with SYNC, once
-    its file system has it all on disk, so that a crash can't leave a
-    partial image under the final name).
-
-    Without FORCE an existing FINAL is an error (EEXIST).  With FORCE the
-    old image is swapped out atomically (RENAME_EXCHANGE) and then removed,
-    so FINAL never stops existing and never holds a partial image."""
-    if read_only and not os.path.isdir(tmp):
-        os.chmod(tmp, os.stat(tmp).st_mode & 0o7555)
-    if sync:
-        fsutil.syncfs(tmp)
-    if force and os.path.lexists(final):
-        if fsutil.get_immutable(final):
-            fsutil.set_immutable(final, False)
-        rename_exchange(tmp, final)
-        remove_path(tmp)  # now the old image
-    else:
-        rename_noreplace(tmp, final)
-    if read_only and os.path.isdir(final):
-        apply_read_only(final)

@@ -8,27 +8,29 @@ import logging
 
 from imagepool import daemon
 from imagepool.image import Pool
-from importd.http import DEFAULT_STALL_TIMEOUT, MAX_RETRIES, HttpOptions
 from importd import local
+from importd.dbus.manager import PATH, ImportManagerObject
+from importd.http import DEFAULT_STALL_TIMEOUT, MAX_RETRIES, HttpOptions
 from importd.local import DEFAULT_MAX_IMAGE_SIZE
-from importd.manager_dbus import MANAGER_PATH, ImportManagerObject
+from importd.manager import ImportManager, Options
 
 log = logging.getLogger("importd")
 
 BUS_NAME = "org.freedesktop.import1"
 
 
-async def serve(pool_path: str, max_image_size: int, http: HttpOptions, sync: bool, stop: asyncio.Event) -> None:
+async def serve(pool_path: str, options: Options, stop: asyncio.Event) -> None:
     bus = daemon.open_system_bus()
-    manager = ImportManagerObject(Pool(pool_path), max_image_size, http, sync)
-    manager.export_to_dbus(MANAGER_PATH)
+    manager = ImportManager(Pool(pool_path), options)
+    front = ImportManagerObject(manager)
+    front.export_to_dbus(PATH)
     await daemon.request_name(bus, BUS_NAME)
     daemon.sd_notify("READY=1\nSTATUS=Processing requests...")
     log.info("importd ready, pool %s", pool_path)
     await stop.wait()
     daemon.sd_notify("STOPPING=1")
     # Cancel running transfers: each removes what it wrote.
-    await manager.transfers.shutdown()
+    await manager.shutdown()
     bus.close()
 
 
@@ -46,9 +48,9 @@ def main(argv: list[str] | None = None) -> int:
                              "do (default: yes, or $SYSTEMD_IMPORT_SYNC)")
     args = parser.parse_args(argv)
     daemon.setup_logging(args.debug)
-    http = HttpOptions(stall_timeout=args.stall_timeout, retries=args.retries)
-    return daemon.run(lambda stop: serve(args.pool, args.max_image_size, http, args.sync, stop))
-
+    options = Options(max_image_size=args.max_image_size, sync=args.sync,
+                      http=HttpOptions(stall_timeout=args.stall_timeout, retries=args.retries))
+    return daemon.run(lambda stop: serve(args.pool, options, stop))
 
 
 if __name__ == "__main__":

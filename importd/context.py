@@ -8,20 +8,13 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from imagepool.errors import PoolError
+from imagepool.errors import ReportedFailure, TransferError
+
+__all__ = ["Canceled", "JobContext", "ReportedFailure", "TransferError", "exiting_on_failure"]
 
 
 class Canceled(Exception):
     """The transfer was canceled; the job cleans up and re-raises."""
-
-
-class TransferError(PoolError):
-    """A job failed; the message is logged to the client as is."""
-
-
-class ReportedFailure(TransferError):
-    """A failure whose message the job has already logged (followed by
-    "Exiting.", as systemd's workers do once they got going)."""
 
 
 @contextlib.contextmanager

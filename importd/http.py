@@ -23,14 +23,15 @@ import hashlib
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpcore
 import httpx
 
 from importd.context import Canceled, JobContext, TransferError
-from importd.local import format_bytes
+from importd.progress import format_bytes, format_timespan
 
 AUX_MAX = 1 << 20
 DEFAULT_STALL_TIMEOUT = 30.0
@@ -160,7 +161,7 @@ class Http:
     def _stall_error(self, url: str) -> TransferError:
         return TransferError(f"Download of {url} stalled: no data for {self.options.stall_timeout:g} seconds.")
 
-    def _trace(self, event: str, info: dict) -> None:
+    def _trace(self, event: str, info: dict[str, Any]) -> None:
         """httpx's trace hook: note each socket as soon as it is connected."""
         if event.endswith((".connect_tcp.complete", ".connect_unix_socket.complete", ".start_tls.complete")):
             stream = info.get("return_value")
@@ -245,7 +246,7 @@ class Http:
         info.sha256 = hashlib.sha256(data).hexdigest()
         return bytes(data), info
 
-    def stream(self, url: str, sink: Callable[[bytes], None], *, etags: list[str] = (),
+    def stream(self, url: str, sink: Callable[[bytes], None], *, etags: Sequence[str] = (),
                max_size: int, progress: Callable[[float], None] | None = None, hash: bool = True) -> Download:
         """Download URL into SINK (called with each chunk as it arrives),
         hashing the bytes as received.  A dropped connection is resumed
@@ -342,7 +343,7 @@ class Http:
         speed = done / elapsed if elapsed > 0 else 0
         percent = done * 100 // total
         left = (total - done) / speed if speed > 0 else 0
-        self.ctx.log(f"Got {percent}% of {url}. {_format_timespan(left)} left at {format_bytes(int(speed))}/s.")
+        self.ctx.log(f"Got {percent}% of {url}. {format_timespan(left)} left at {format_bytes(int(speed))}/s.")
 
 
 def _content_length(response: httpx.Response) -> int | None:
@@ -371,10 +372,3 @@ def _range_matches(response: httpx.Response, offset: int, total: int | None) -> 
         return int(length) == total and int(last) == total - 1
     except ValueError:
         return False
-
-
-def _format_timespan(seconds: float) -> str:
-    seconds = int(seconds)
-    if seconds >= 60:
-        return f"{seconds // 60}min {seconds % 60}s"
-    return f"{seconds}s"

@@ -11,13 +11,13 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
-import time
 
-from imagepool import btrfs, ops
+from imagepool import btrfs, tree
 from imagepool.image import Image, ImageType, Pool
 from imagepool.locks import image_name_lock
-from importd import compress, qcow2, sparse, tarball
+from importd import compress, ostree, qcow2, sparse, tar
 from importd.context import Canceled, JobContext, TransferError, exiting_on_failure
+from importd.progress import ProgressLogger, format_bytes
 
 # Cap on what one import may write, on top of the pool's free space.
 DEFAULT_MAX_IMAGE_SIZE = 64 << 30
@@ -29,37 +29,6 @@ def fd_path(fd: int) -> str:
         return os.readlink(f"/proc/self/fd/{fd}")
     except OSError:
         return "n/a"
-
-
-def format_bytes(n: int) -> str:
-    """systemd's FORMAT_BYTES: 1024-based, one decimal, B K M G T P E."""
-    if n < 1024:
-        return f"{n}B"
-    value = float(n)
-    for suffix in "KMGTPE":
-        value /= 1024
-        if value < 1024 or suffix == "E":
-            return f"{value:.1f}{suffix}"
-    return f"{n}B"
-
-
-class ProgressLogger:
-    """Reports progress, and logs "<verb> N%." at most once a second."""
-
-    def __init__(self, ctx: JobContext, verb: str) -> None:
-        self.ctx = ctx
-        self.verb = verb
-        self.last_logged = -1
-        self.last_time = 0.0
-
-    def __call__(self, fraction: float) -> None:
-        self.ctx.progress(fraction)
-        percent = int(min(max(fraction, 0.0), 1.0) * 100)
-        now = time.monotonic()
-        if percent != self.last_logged and now - self.last_time >= 1.0:
-            self.last_logged = percent
-            self.last_time = now
-            self.ctx.log(f"{self.verb} {percent}%.")
 
 
 def _input_size(fd: int) -> int | None:
@@ -100,15 +69,15 @@ def import_tar(ctx: JobContext, fd: int, pool: Pool, name: str, force: bool, rea
     ctx.log(f"Importing '{fd_path(fd)}', saving as '{name}'.")
     with exiting_on_failure(ctx):
         with image_name_lock(name):
-            tmp = ops.temp_name(pool.path, name)
-            ops.make_tree_dir(tmp)
+            tmp = tree.temp_name(pool.path, name)
+            tree.make_tree_dir(tmp)
             try:
                 sub = ctx.derive(ProgressLogger(ctx, "Imported"))
                 unpack_tar(sub, fd, tmp, size_limit(pool, max_size), size=_input_size(fd))
                 _check_target(pool, name, force)
-                ops.install_image(tmp, os.path.join(pool.path, name), force=force, read_only=read_only, sync=sync)
+                tree.install_image(tmp, os.path.join(pool.path, name), force=force, read_only=read_only, sync=sync)
             except BaseException:
-                ops.remove_path(tmp)
+                tree.remove_path(tmp)
                 raise
     _finish(ctx)
 
@@ -116,7 +85,7 @@ def import_tar(ctx: JobContext, fd: int, pool: Pool, name: str, force: bool, rea
 def unpack_tar(ctx: JobContext, fd: int, directory: str, limit: int, size: int | None = None) -> int:
     """Unpack the (compressed) tarball read from FD into DIRECTORY, which
     exists and is empty; returns the size of the tar stream."""
-    unpacker = tarball.TarUnpacker(directory, ctx)
+    unpacker = tar.TarUnpacker(directory, ctx)
     total = 0
     try:
         for chunk in compress.decompressed_chunks(fd, ctx, size=size, max_output=limit):
@@ -126,7 +95,7 @@ def unpack_tar(ctx: JobContext, fd: int, directory: str, limit: int, size: int |
     except BaseException:
         unpacker.abort()
         raise
-    tarball.mangle_os_tree(directory)
+    ostree.mangle_os_tree(directory)
     return total
 
 
@@ -137,15 +106,15 @@ def import_raw(ctx: JobContext, fd: int, pool: Pool, name: str, force: bool, rea
     with exiting_on_failure(ctx):
         limit = size_limit(pool, max_size)
         with image_name_lock(name):
-            tmp = ops.temp_name(pool.path, name + ".raw")
+            tmp = tree.temp_name(pool.path, name + ".raw")
             try:
                 size = write_image(ctx, fd, tmp, limit, writeback=sync)
                 ctx.log(f"Wrote {format_bytes(size)}.")
                 _check_target(pool, name, force)
-                ops.install_image(tmp, os.path.join(pool.path, name + ".raw"), force=force, read_only=read_only,
+                tree.install_image(tmp, os.path.join(pool.path, name + ".raw"), force=force, read_only=read_only,
                                   sync=sync)
             except BaseException:
-                ops.remove_path(tmp)
+                tree.remove_path(tmp)
                 raise
     _finish(ctx)
 
@@ -171,7 +140,7 @@ def convert_qcow2_in_place(ctx: JobContext, qcow_fd: int, path: str, limit: int)
     try:
         return convert_qcow2(ctx, qcow_fd, path, limit)
     finally:
-        ops.remove_path(path + ".qcow2")
+        tree.remove_path(path + ".qcow2")
 
 
 def write_raw(ctx: JobContext, fd: int, out: int, limit: int, writeback: bool = False) -> int | None:
@@ -203,7 +172,7 @@ def write_raw(ctx: JobContext, fd: int, out: int, limit: int, writeback: bool = 
     return writer.finish()
 
 
-def _write_all(fd: int, data) -> None:
+def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
     view = memoryview(data)
     while view:
         n = os.write(fd, view)
@@ -231,15 +200,15 @@ def import_fs(ctx: JobContext, dir_fd: int, pool: Pool, name: str, force: bool, 
     with exiting_on_failure(ctx):
         final = os.path.join(pool.path, name)
         with image_name_lock(name):
-            tmp = ops.temp_name(pool.path, name)
+            tmp = tree.temp_name(pool.path, name)
             try:
                 # Copy through the fd, not the path: the path may have changed.
-                ops.make_tree_copy(f"/proc/{os.getpid()}/fd/{dir_fd}", tmp, False)
+                tree.make_tree_copy(f"/proc/{os.getpid()}/fd/{dir_fd}", tmp, False)
                 ctx.check()
                 _check_target(pool, name, force)
-                ops.install_image(tmp, final, force=force, read_only=read_only, sync=sync)
+                tree.install_image(tmp, final, force=force, read_only=read_only, sync=sync)
             except BaseException:
-                ops.remove_path(tmp)
+                tree.remove_path(tmp)
                 raise
     ctx.log(f"Directory '{final} successfully installed. Exiting.")
 
@@ -266,7 +235,7 @@ def export_tar(ctx: JobContext, pool: Pool, name: str, out_fd: int, fmt: str) ->
     try:
         if image.type == ImageType.SUBVOLUME:
             # Export a read-only snapshot, so the tarball is consistent.
-            snapshot = ops.temp_name(os.path.dirname(image.path), name)
+            snapshot = tree.temp_name(os.path.dirname(image.path), name)
             btrfs.snapshot(image.path, snapshot, read_only=True)
             source = snapshot
         if total is None:
@@ -275,14 +244,14 @@ def export_tar(ctx: JobContext, pool: Pool, name: str, out_fd: int, fmt: str) ->
         done = 0
         # The writer aborts on an exception: no complete-looking partial file.
         with compress.compressed_writer(out_fd, kind, ctx) as writer:
-            for chunk in tarball.pack_tar(source, ctx):
+            for chunk in tar.pack_tar(source, ctx):
                 writer.write(chunk)
                 done += len(chunk)
                 if total:
                     progress(min(done / total, 1.0))
     finally:
         if snapshot:
-            ops.remove_path(snapshot)
+            tree.remove_path(snapshot)
     _finish(ctx)
 
 

@@ -37,15 +37,14 @@ import zlib
 from array import array
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from isal import isal_zlib as _inflate_module  # ISA-L's inflate: zlib's results, about twice as fast
 
 from imagepool.errors import PoolError
 from importd.sparse import clone_range
 
-try:  # ISA-L's inflate: the same results as zlib's, about twice as fast
-    from isal import isal_zlib as _inflate_module
-except ImportError:  # pragma: no cover - isal is a dependency
-    _inflate_module = zlib  # type: ignore[assignment]
-_INFLATE_ERRORS = (zlib.error, _inflate_module.error)
+_INFLATE_ERRORS: tuple[type[BaseException], ...] = (zlib.error, _inflate_module.error)  # type: ignore[assignment]
 
 MAGIC = b"QFI\xfb"
 
@@ -105,7 +104,8 @@ def is_qcow2(head: bytes) -> bool:
 class _Header:
     __slots__ = ("version", "cluster_bits", "size", "l1_size", "l1_offset", "compression")
 
-    def __init__(self, version: int, cluster_bits: int, size: int, l1_size: int, l1_offset: int, compression: int) -> None:
+    def __init__(self, version: int, cluster_bits: int, size: int, l1_size: int, l1_offset: int,
+                 compression: int) -> None:
         self.version = version
         self.cluster_bits = cluster_bits
         self.size = size
@@ -148,7 +148,8 @@ def _parse_header(fd: int, file_size: int, max_size: int) -> _Header:
     if version == 3:
         if len(data) < _HEADER_V3_LENGTH:
             raise Qcow2Error("qcow2 header truncated")
-        incompatible, _compatible, _autoclear, _refcount_order, header_length = _HEADER_V3.unpack_from(data, _HEADER_V2.size)
+        incompatible, _compatible, _autoclear, _refcount_order, header_length = _HEADER_V3.unpack_from(
+            data, _HEADER_V2.size)
         if header_length < _HEADER_V3_LENGTH:
             raise Qcow2Error(f"qcow2 header length {header_length} invalid")
         if header_length > _HEADER_V3_LENGTH:
@@ -170,7 +171,8 @@ def _parse_header(fd: int, file_size: int, max_size: int) -> _Header:
         raise Qcow2Error("qcow2 image uses extended L2 entries, refusing")
     if incompatible & _INCOMPAT_CORRUPT:
         raise Qcow2Error("qcow2 image is marked corrupt, refusing")
-    unknown = incompatible & ~(_INCOMPAT_DIRTY | _INCOMPAT_CORRUPT | _INCOMPAT_DATA_FILE | _INCOMPAT_COMPRESSION | _INCOMPAT_EXTL2)
+    known = _INCOMPAT_DIRTY | _INCOMPAT_CORRUPT | _INCOMPAT_DATA_FILE | _INCOMPAT_COMPRESSION | _INCOMPAT_EXTL2
+    unknown = incompatible & ~known
     if unknown:
         raise Qcow2Error(f"qcow2 image has unknown incompatible features {unknown:#x}, refusing")
     if compression not in (_COMPRESSION_ZLIB, _COMPRESSION_ZSTD):
@@ -195,7 +197,7 @@ def _parse_header(fd: int, file_size: int, max_size: int) -> _Header:
     return _Header(version, cluster_bits, size, l1_needed, l1_offset, compression)
 
 
-def _be64_array(data: bytes | bytearray) -> array:
+def _be64_array(data: bytes | bytearray) -> array[int]:
     table = array("Q")
     table.frombytes(data)
     if sys.byteorder == "little":
@@ -234,7 +236,7 @@ def _zstd_frame_length(frame: memoryview) -> int:
     return pos
 
 
-def _write_all(fd: int, parts: list, offset: int) -> None:
+def _write_all(fd: int, parts: list[Any], offset: int) -> None:
     """pwritev() ``parts`` at ``offset``, finishing short writes."""
     while parts:
         batch = parts[:_IOV_MAX]
@@ -322,7 +324,7 @@ class _Converter:
         self.max_buffers = self.max_inflight + 1
         self.allocated = 0
         self.free: list[bytearray] = []
-        self.inflight: collections.deque[Future] = collections.deque()
+        self.inflight: collections.deque[Future[Any]] = collections.deque()
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qcow2")
 
         self.checked = 0
@@ -340,7 +342,7 @@ class _Converter:
             self.reported = position
             self.progress(position, self.size)
 
-    def submit(self, fn: Callable, *args: object) -> None:
+    def submit(self, fn: Callable[..., Any], *args: object) -> None:
         inflight = self.inflight
         while inflight and (len(inflight) >= self.max_inflight or inflight[0].done()):
             inflight.popleft().result()
@@ -512,7 +514,7 @@ class _Converter:
 
     # -- the workers ---------------------------------------------------------
 
-    def emit(self, virtual: int, parts: list) -> None:
+    def emit(self, virtual: int, parts: list[Any]) -> None:
         """Write ``parts`` at ``virtual``, cut at the end of the virtual disk."""
         room = self.size - virtual
         total = sum(len(p) for p in parts)

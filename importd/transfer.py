@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from imagepool.errors import Errno, InvalidArgs, PoolError
+from imagepool.errors import Errno, InvalidArgs, NoSuchTransfer, PoolError, TransferInProgress
 from importd.context import Canceled, JobContext, ReportedFailure
 
 log = logging.getLogger(__name__)
@@ -42,19 +42,11 @@ class TransferType(enum.StrEnum):
         return not self.value.startswith("export-")
 
 
-class TransferInProgress(PoolError):
-    dbus_name = "org.freedesktop.import1.TransferInProgress"
-
-
-class NoSuchTransfer(PoolError):
-    dbus_name = "org.freedesktop.import1.NoSuchTransfer"
-
-
 Job = Callable[[JobContext], None]
 
 
 class TransferListener:
-    """What the D-Bus layer implements to hear about a transfer."""
+    """What a front end implements to hear about a transfer."""
 
     def log_message(self, transfer: Transfer, priority: int, line: str) -> None: ...
     def progress_changed(self, transfer: Transfer, notify_property: bool) -> None: ...
@@ -70,8 +62,8 @@ class Transfer:
     image_class: str = "machine"
     progress: float = PROGRESS_UNKNOWN
     ctx: JobContext = field(default_factory=JobContext)
-    listener: TransferListener | None = None
-    task: asyncio.Task | None = None
+    listeners: list[TransferListener] = field(default_factory=list)
+    task: asyncio.Task[None] | None = None
     cancel_requests: int = 0
     _percent: int = -1
     _property_sent: float = 0.0
@@ -82,8 +74,8 @@ class Transfer:
 
     def _log(self, line: str, priority: int = 6) -> None:
         log.info("(transfer%d) %s", self.id, line)
-        if self.listener:
-            self.listener.log_message(self, priority, line)
+        for listener in self.listeners:
+            listener.log_message(self, priority, line)
 
     def _progress(self, fraction: float) -> None:
         fraction = min(max(fraction, 0.0), 1.0)
@@ -96,16 +88,18 @@ class Transfer:
         notify = now - self._property_sent >= PROPERTY_INTERVAL or percent == 100
         if notify:
             self._property_sent = now
-        if self.listener:
-            self.listener.progress_changed(self, notify)
+        for listener in self.listeners:
+            listener.progress_changed(self, notify)
 
 
 class TransferManager:
     def __init__(self) -> None:
         self.transfers: dict[int, Transfer] = {}
         self._next_id = 1
-        self.on_new: Callable[[Transfer], None] | None = None
-        self.on_removed: Callable[[Transfer, str], None] | None = None
+        # What front ends subscribe to: a transfer's start, and its end (with
+        # its result: "done", "failed" or "canceled").
+        self.on_new: list[Callable[[Transfer], None]] = []
+        self.on_removed: list[Callable[[Transfer, str], None]] = []
 
     def check_conflict(self, type: TransferType, local: str, remote: str) -> None:
         if len(self.transfers) >= TRANSFERS_MAX:
@@ -117,12 +111,12 @@ class TransferManager:
                 raise TransferInProgress(f"Transfer for {local} already in progress.")
 
     def create(self, type: TransferType, local: str, job: Job, *, remote: str = "", verify: str = "",
-               image_class: str = "machine", listener: TransferListener | None = None) -> Transfer:
+               image_class: str = "machine") -> Transfer:
         """Register a transfer and schedule its job to start after the
         current method call has been answered."""
         self.check_conflict(type, local, remote)
         loop = asyncio.get_running_loop()
-        transfer = Transfer(self._next_id, type, local, remote, verify, image_class, listener=listener)
+        transfer = Transfer(self._next_id, type, local, remote, verify, image_class)
         self._next_id += 1
 
         def log_threadsafe(line: str) -> None:
@@ -141,8 +135,8 @@ class TransferManager:
         transfer.ctx.log = log_threadsafe
         transfer.ctx.progress = progress_threadsafe
         self.transfers[transfer.id] = transfer
-        if self.on_new:
-            self.on_new(transfer)
+        for cb in self.on_new:
+            cb(transfer)
         loop.call_soon(self._start, transfer, job)
         return transfer
 
@@ -172,8 +166,8 @@ class TransferManager:
         await asyncio.sleep(0)
         self.transfers.pop(transfer.id, None)
         log.info("Transfer %d finished: %s", transfer.id, result)
-        if self.on_removed:
-            self.on_removed(transfer, result)
+        for cb in self.on_removed:
+            cb(transfer, result)
 
     def get(self, transfer_id: int) -> Transfer:
         if transfer_id == 0:

@@ -10,7 +10,7 @@ cleartext-signed message), falling back to ``SHA256SUMS`` in the same
 directory (per directory, with a detached ``SHA256SUMS.gpg``; we also accept
 the armored ``SHA256SUMS.asc``).
 
-Signatures are checked by running gpg directly (``subprocess``), with the
+Signatures are checked by running gpg directly (``imagepool.spawn``), with the
 options systemd-pull uses, a throw-away home directory and the import keyring.
 Everything here blocks; it is meant to run in a transfer's worker thread and
 honours the job's cancellation.
@@ -35,12 +35,10 @@ from __future__ import annotations
 import enum
 import os
 import shutil
-import signal
-import subprocess
 import tempfile
-import time
 from collections.abc import Sequence
 
+from imagepool import spawn
 from imagepool.errors import InvalidArgs
 
 from .context import JobContext, TransferError
@@ -122,12 +120,12 @@ SIGNATURE_FILES = ("SHA256SUMS.gpg", "SHA256SUMS.asc")
 
 
 def is_checksum_file(filename: str | None) -> bool:
-    return bool(filename) and (filename == CHECKSUM_LIST or filename.endswith(".sha256"))
+    return filename is not None and (filename == CHECKSUM_LIST or filename.endswith(".sha256"))
 
 
 def is_signature_file(filename: str | None) -> bool:
     return bool(filename) and (
-        filename in SIGNATURE_FILES or filename.endswith((".sha256.gpg", ".sha256.asc"))
+        filename is not None and (filename in SIGNATURE_FILES or filename.endswith((".sha256.gpg", ".sha256.asc")))
     )
 
 
@@ -258,24 +256,13 @@ def _find_gpg() -> str | None:
     return None
 
 
-def _kill(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    try:
-        proc.kill()
-    except ProcessLookupError:
-        pass
-
-
 def _run_gpg(
     ctx: JobContext, args: list[str], stdin: bytes, keyring: str | None, timeout: float, home: str
 ) -> bool:
     """Run gpg with the fixed options, ``--homedir=home``, the keyring and
     ``args``; feed ``stdin``.  Returns True if gpg exited 0 and its status
-    lines report only valid signatures (and at least one).  gpg's stderr is
-    passed on to the job's log, as systemd-pull's stderr would be."""
+    lines report only valid signatures (and at least one).  gpg's stderr goes
+    to the job's log as it comes, as systemd-pull's stderr would."""
     gpg = _find_gpg()
     if gpg is None:
         ctx.log("Failed to execute gpg: No such file or directory")
@@ -290,41 +277,14 @@ def _run_gpg(
     env.update(HOME=home, GNUPGHOME=home)
     env.pop("GPG_AGENT_INFO", None)
 
-    proc = subprocess.Popen(
-        argv,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        cwd=home,
-        env=env,
-        close_fds=True,
-        start_new_session=True,  # so a kill takes anything gpg started with it
-    )
-    deadline = time.monotonic() + timeout
-    out = err = b""
     try:
-        first = True
-        while True:
-            ctx.check()
-            left = deadline - time.monotonic()
-            if left <= 0:
-                _kill(proc)
-                proc.communicate()
-                ctx.log(f"gpg did not finish within {timeout:g}s, killed it.")
-                return False
-            try:
-                out, err = proc.communicate(stdin if first else None, timeout=min(left, 0.1))
-                break
-            except subprocess.TimeoutExpired:
-                first = False
-    finally:
-        if proc.returncode is None:  # canceled or failed while gpg ran
-            _kill(proc)
-            proc.communicate()
-
-    for line in err.decode("utf-8", "replace").splitlines():
-        if line.strip():
-            ctx.log(line)
+        with spawn.Child(argv, stdin=spawn.PIPE, stdout=spawn.PIPE, stderr_log=ctx.log, cwd=home, env=env,
+                         name="gpg", timeout=timeout) as child:
+            out = child.communicate(stdin, ctx.check)
+            returncode = child.returncode
+    except spawn.Timeout:
+        ctx.log(f"gpg did not finish within {timeout:g}s, killed it.")
+        return False
 
     status = [
         ln[len("[GNUPG:] ") :].split(" ", 1)[0]
@@ -333,7 +293,7 @@ def _run_gpg(
     ]
     n_valid = status.count("VALIDSIG")
     return (
-        proc.returncode == 0
+        returncode == 0
         and n_valid >= 1
         and n_valid >= status.count("NEWSIG")
         and not _BAD_STATUS.intersection(status)

@@ -9,10 +9,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 from imagepool import daemon
 from imagepool.image import Pool
+from machined.dbus.manager import PATH, ManagerObject
 from machined.images import ImageManager
 from machined.machines import OPERATIONS_MAX, MachineManager
 from machined.userdb import UserDatabase
-from machined.manager_dbus import MANAGER_PATH, ManagerObject
 
 log = logging.getLogger("machined")
 
@@ -28,12 +28,13 @@ async def serve(pool_path: str, stop: asyncio.Event) -> None:
     images = ImageManager(Pool(pool_path))
     os.makedirs("/run/systemd/machines", mode=0o755, exist_ok=True)
     machines = MachineManager()
-    manager = ManagerObject(images, machines)
-    manager.export_to_dbus(MANAGER_PATH)
     machines.start()
-    userdb = UserDatabase(lambda: machines.registry)
+    manager = ManagerObject(images, machines)
+    manager.export_to_dbus(PATH)
+    manager.start()
+    userdb: UserDatabase | None = UserDatabase(lambda: machines.registry)
     try:
-        await userdb.start()
+        await userdb.start()  # type: ignore[union-attr]
     except OSError as e:
         log.warning("Not serving the user database: %s", e)
         userdb = None

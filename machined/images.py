@@ -1,10 +1,14 @@
-"""machined's image half: the pool, running operations, and the exported
-Image objects, kept in step with what is on disk."""
+"""machined's image half: the pool, the images known in it, and the
+operations on them, whichever front end asks.
+
+Front ends subscribe to hear of images added, changed and removed (the pool
+is watched, so that happens whoever changes it); they check arguments,
+authorize, then call the methods here.  Blocking work runs in worker threads.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -14,36 +18,40 @@ from imagepool.errors import InvalidArgs, LimitsExceeded, NoSuchImage
 from imagepool.image import Image, ImageType, Pool
 from imagepool.inotify import DirectoryWatch
 from imagepool.metadata import ImageMetadata, read_tree_metadata
-from imagepool.names import bus_label_escape, image_name_is_valid
+from imagepool.names import image_name_is_valid
 from imagepool.rawmeta import read_raw_metadata
-from machined.image_dbus import ImageObject
 
 log = logging.getLogger(__name__)
 
-IMAGE_PATH_PREFIX = "/org/freedesktop/machine1/image"
 OPERATIONS_MAX = 64
+CLEAN_MODES = ("hidden", "all")
 
 T = TypeVar("T")
-
-
-@functools.lru_cache(maxsize=16384)  # every ListImages asks again for every name
-def image_object_path(name: str) -> str:
-    return f"{IMAGE_PATH_PREFIX}/{bus_label_escape(name)}"
+Listener = Callable[[Image], None]
 
 
 class ImageManager:
-    """Owns the pool and the exported Image objects of one machined."""
+    """Owns the pool of one machined and the images known in it."""
 
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
         self.operations = 0
-        self.objects: dict[str, ImageObject] = {}
+        self.images: dict[str, Image] = {}
+        self._on_added: list[Listener] = []
+        self._on_changed: list[Listener] = []
+        self._on_removed: list[Listener] = []
         self._watch: DirectoryWatch | None = None
         self._rescan: asyncio.TimerHandle | None = None
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def subscribe(self, on_added: Listener, on_changed: Listener, on_removed: Listener) -> None:
+        """Hear of images that appear, change or go away."""
+        self._on_added.append(on_added)
+        self._on_changed.append(on_changed)
+        self._on_removed.append(on_removed)
 
     def start_watching(self) -> None:
-        """Keep the exported objects (and so introspection) in step with the
+        """Keep the known images (and so introspection) in step with the
         search directories, whoever changes them."""
         self._watch = DirectoryWatch(self.pool.search_paths, self._changed)
 
@@ -78,55 +86,49 @@ class ImageManager:
         finally:
             self.operations -= 1
 
-    # --- lookup and export ----------------------------------------------------
+    # --- what is known ------------------------------------------------------------------
+
+    def _known(self, image: Image) -> None:
+        old = self.images.get(image.name)
+        if old is image:
+            return  # the same facts as before (a scan takes unchanged images again)
+        self.images[image.name] = image
+        for cb in self._on_added if old is None else self._on_changed:
+            cb(image)
+
+    def _forget(self, name: str) -> None:
+        image = self.images.pop(name, None)
+        if image is not None:
+            for cb in self._on_removed:
+                cb(image)
 
     async def find(self, name: str, validate: bool = True) -> Image:
-        """Validate NAME, find the image, and export its object.  Without
-        VALIDATE an invalid name is simply not found (GetImage does that)."""
+        """Validate NAME and find the image.  Without VALIDATE an invalid
+        name is simply not found (GetImage does that)."""
         if validate and not image_name_is_valid(name) and name != ".host":
             raise InvalidArgs(f"Image name '{name}' is invalid.")
         image = await asyncio.to_thread(self.pool.find, name)
         if image is None:
             raise NoSuchImage(name)
-        self._export(image)
+        self._known(image)
         return image
 
     async def discover(self) -> dict[str, Image]:
         images = await asyncio.to_thread(self.pool.discover)
-        objects = self.objects
-        for name in [name for name in objects if name not in images]:
-            self._unexport(name)
-        # Objects already exported only get the fresh Image: no call per image.
-        for name, image in images.items():
-            obj = objects.get(name)
-            if obj is None:
-                self._export(image)
-            else:
-                obj.image = image
+        for name in [name for name in self.images if name not in images]:
+            self._forget(name)
+        for image in images.values():
+            self._known(image)
         return images
-
-    def _export(self, image: Image) -> None:
-        obj = self.objects.get(image.name)
-        if obj is None:
-            obj = ImageObject(self, image)
-            obj.handle = obj.export_to_dbus(image_object_path(image.name))
-            self.objects[image.name] = obj
-        else:
-            obj.image = image
-
-    def _unexport(self, name: str) -> None:
-        obj = self.objects.pop(name, None)
-        if obj is not None and obj.handle is not None:
-            obj.handle.stop()
 
     async def refresh(self, name: str) -> None:
         image = await asyncio.to_thread(self.pool.find, name)
         if image is None:
-            self._unexport(name)
+            self._forget(name)
         else:
-            self._export(image)
+            self._known(image)
 
-    # --- operations (callers have checked authorization) ----------------------
+    # --- operations (callers have checked authorization) -----------------------------
 
     async def remove(self, image: Image) -> None:
         await self.run(ops.remove_image, image)
@@ -152,10 +154,21 @@ class ImageManager:
     async def set_pool_limit(self, limit: int) -> None:
         await self.run(ops.set_pool_limit, self.pool, limit)
 
+    def pool_usage(self) -> int:
+        return ops.pool_usage(self.pool)
+
+    def pool_limit(self) -> int:
+        return ops.pool_limit(self.pool)
+
+    @staticmethod
+    def check_clean_mode(mode: str) -> None:
+        if mode not in CLEAN_MODES:
+            raise InvalidArgs(f"Unknown mode '{mode}'.")
+
     async def clean(self, mode: str) -> list[tuple[str, int]]:
         removed = await self.run(ops.clean_pool, self.pool, mode)
         for name, _ in removed:
-            self._unexport(name)
+            self._forget(name)
         return removed
 
     async def metadata(self, image: Image) -> ImageMetadata:

@@ -5,10 +5,10 @@ Two halves share this file:
 
 * Thin ctypes wrappers (``setns``, ``open_tree``, ``move_mount``,
   ``mount_setattr``, ``mount``, ``umount2``) and the request/reply framing,
-  imported by ``machined.machine_ops``.
+  imported by ``machined.ops``.
 
 * ``main()``: the helper.  machined never forks itself (it is threaded and
-  runs an event loop); instead ``machine_ops`` starts this file as a fresh,
+  runs an event loop); instead ``machined.ops.leader`` starts this file as a fresh,
   single-threaded interpreter (``python -I -S nsexec.py FD``).  Only a
   single-threaded process may join a mount or user namespace, and only a
   process can be the parent of a program running in a machine's PID
@@ -37,6 +37,7 @@ import socket
 import struct
 import sys
 import termios
+from typing import Any
 
 # --- system calls -------------------------------------------------------------
 
@@ -160,7 +161,8 @@ def open_in_root(root_fd: int, path: str, flags: int, mode: int = 0) -> int:
 
 def pty_number(master: int) -> int:
     buf = fcntl.ioctl(master, TIOCGPTN, b"\0\0\0\0")
-    return struct.unpack("I", buf)[0]
+    number: int = struct.unpack("I", buf)[0]
+    return number
 
 
 def pty_unlock(master: int) -> None:
@@ -178,7 +180,7 @@ MAX_MESSAGE = 1 << 20
 MAX_FDS = 16
 
 
-def send_message(sock: socket.socket, obj: dict, fds: list[int] | tuple[int, ...] = ()) -> None:
+def send_message(sock: socket.socket, obj: dict[str, Any], fds: list[int] | tuple[int, ...] = ()) -> None:
     data = json.dumps(obj).encode()
     if fds:
         socket.send_fds(sock, [data], list(fds))
@@ -186,7 +188,7 @@ def send_message(sock: socket.socket, obj: dict, fds: list[int] | tuple[int, ...
         sock.sendall(data)
 
 
-def receive_message(sock: socket.socket) -> tuple[dict | None, list[int]]:
+def receive_message(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
     """One message and the descriptors that came with it (close-on-exec);
     (None, []) at end of file."""
     data, fds, _flags, _addr = socket.recv_fds(sock, MAX_MESSAGE, MAX_FDS, socket.MSG_CMSG_CLOEXEC)
@@ -216,7 +218,7 @@ def _lock_imports() -> None:
     sys.meta_path[:] = [f for f in sys.meta_path if getattr(f, "__name__", "") in ("BuiltinImporter", "FrozenImporter")]
 
 
-def _enter(req: dict, fds: list[int]) -> None:
+def _enter(req: dict[str, Any], fds: list[int]) -> None:
     """Join the namespaces and the root directory named in REQ."""
     _lock_imports()
     ns = req.get("ns", {})
@@ -225,7 +227,8 @@ def _enter(req: dict, fds: list[int]) -> None:
             try:
                 setns(fds[ns[kind]], NAMESPACE_FLAGS[kind])
             except OSError as e:
-                raise _Failure(e.errno or errno.EIO, f"Failed to join {kind} namespace: {os.strerror(e.errno or 0)}")
+                message = f"Failed to join {kind} namespace: {os.strerror(e.errno or 0)}"
+                raise _Failure(e.errno or errno.EIO, message) from None
     root = req.get("root")
     if root is not None:
         try:
@@ -233,15 +236,17 @@ def _enter(req: dict, fds: list[int]) -> None:
             os.chroot(".")
             os.chdir("/")
         except OSError as e:
-            raise _Failure(e.errno or errno.EIO, f"Failed to change root directory: {os.strerror(e.errno or 0)}")
+            message = f"Failed to change root directory: {os.strerror(e.errno or 0)}"
+            raise _Failure(e.errno or errno.EIO, message) from None
     if "user" in ns:
         try:
             setns(fds[ns["user"]], CLONE_NEWUSER)
         except OSError as e:
-            raise _Failure(e.errno or errno.EIO, f"Failed to join user namespace: {os.strerror(e.errno or 0)}")
+            message = f"Failed to join user namespace: {os.strerror(e.errno or 0)}"
+            raise _Failure(e.errno or errno.EIO, message) from None
 
 
-def _become_root_in_userns(req: dict) -> None:
+def _become_root_in_userns(req: dict[str, Any]) -> None:
     """After joining a user namespace, become its root (the process still has
     the host's root UID, which the namespace may not map)."""
     if "user" not in req.get("ns", {}):
@@ -254,7 +259,7 @@ def _become_root_in_userns(req: dict) -> None:
     os.setresuid(0, 0, 0)
 
 
-def _op_bind(req: dict, fds: list[int], sock: socket.socket) -> None:
+def _op_bind(req: dict[str, Any], fds: list[int], sock: socket.socket) -> None:
     dest = req["dest"]
     if req.get("mkdir"):
         # As systemd: create the parents and the mount point, ignoring errors;
@@ -286,7 +291,7 @@ def _op_bind(req: dict, fds: list[int], sock: socket.socket) -> None:
         if not propagated:
             move_mount(fds[req["tree"]], "", AT_FDCWD, dest, MOVE_MOUNT_F_EMPTY_PATH)
     except OSError as e:
-        raise _Failure(e.errno or errno.EIO, os.strerror(e.errno or errno.EIO))
+        raise _Failure(e.errno or errno.EIO, os.strerror(e.errno or errno.EIO)) from None
     send_message(sock, {"ok": True, "propagated": propagated})
 
 
@@ -299,7 +304,7 @@ def _default_signals() -> None:
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
 
 
-def _shell_child(req: dict, slave: int, status_fd: int) -> None:
+def _shell_child(req: dict[str, Any], slave: int, status_fd: int) -> None:
     """In the forked child, inside the machine: become the session leader on
     the pty, drop to the user and exec.  Never returns."""
     stage = "Failed to set up the terminal"
@@ -334,7 +339,7 @@ def _shell_child(req: dict, slave: int, status_fd: int) -> None:
     os._exit(127)
 
 
-def _op_shell(req: dict, fds: list[int], sock: socket.socket) -> None:
+def _op_shell(req: dict[str, Any], fds: list[int], sock: socket.socket) -> None:
     """Start the program on the pty slave, report, then stay as its parent
     until it exits: machined reaps this helper, this helper reaps the
     program.  The program is in the machine's PID namespace (we joined it
@@ -369,7 +374,7 @@ def _op_shell(req: dict, fds: list[int], sock: socket.socket) -> None:
             continue
 
 
-def unit_properties(properties: list, fds: list[int]) -> list:
+def unit_properties(properties: list[list[Any]], fds: list[int]) -> list[tuple[str, tuple[str, Any]]]:
     """[name, signature, value] from the request as sd-bus wants them; an
     "h" value is the index of the fd."""
     out = []
@@ -382,7 +387,7 @@ def unit_properties(properties: list, fds: list[int]) -> list:
     return out
 
 
-def _op_systemd(req: dict, fds: list[int], sock: socket.socket) -> None:
+def _op_systemd(req: dict[str, Any], fds: list[int], sock: socket.socket) -> None:
     """StartUnit or StartTransientUnit on the machine's system bus, as the
     machine's root, from a child in its PID namespace (so that the bus sees
     a PID of its own)."""
@@ -410,7 +415,8 @@ def _op_systemd(req: dict, fds: list[int], sock: socket.socket) -> None:
                 send_message(sock, {"errno": 0, "dbus_name": name, "message": text})
             except OSError as e:
                 code = e.errno or errno.EIO
-                send_message(sock, {"errno": code, "message": f"Failed to connect to the system bus: {os.strerror(code)}"})
+                message = f"Failed to connect to the system bus: {os.strerror(code)}"
+                send_message(sock, {"errno": code, "message": message})
         finally:
             os._exit(0)
     sock.close()

@@ -21,10 +21,9 @@ from typing import Any, TypeVar
 
 import sdbus
 from sdbus import DbusInterfaceCommonAsync, dbus_method_async, dbus_signal_async
-from sdbus.exceptions import DbusNameHasNoOwnerError, SdBusUnmappedMessageError
+from sdbus.exceptions import SdBusUnmappedMessageError
 
-from imagepool.bus import dbus_error
-from imagepool.errors import Errno, PoolError
+from imagepool.errors import Errno, RemoteError
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +38,6 @@ JOB_TIMEOUT = 30.0
 EARLY_JOBS_MAX = 256
 
 T = TypeVar("T")
-
-
-class JobFailed(PoolError):
-    dbus_name = "org.freedesktop.systemd1.JobFailed"
 
 
 class _Manager(DbusInterfaceCommonAsync, interface_name=INTERFACE):
@@ -127,17 +122,19 @@ class Systemd:
     async def owner(self) -> str | None:
         """The unique name owning org.freedesktop.systemd1, or None."""
         # (A plain message: sdbus allows one interface class per name, and
-        # imagepool.bus has the one for org.freedesktop.DBus.)
+        # imagepool.dbus has the one for org.freedesktop.DBus.)
         bus = self._get_bus()
         message = bus.new_method_call_message("org.freedesktop.DBus", "/org/freedesktop/DBus",
                                               "org.freedesktop.DBus", "GetNameOwner")
         message.append_data("s", SERVICE)
         try:
             reply = await _call(bus.call_async(message))
-        except DbusNameHasNoOwnerError:
-            return None
+        except RemoteError as e:
+            if e.name == "org.freedesktop.DBus.Error.NameHasNoOwner":
+                return None
+            raise
         owner = reply.get_contents()  # one value: not in a tuple
-        return owner if isinstance(owner, str) else owner[0]
+        return owner if isinstance(owner, str) else str(owner[0])
 
     async def has_owner(self) -> bool:
         return await self.owner() is not None
@@ -155,8 +152,8 @@ class Systemd:
             if owner != self._subscribed_owner:
                 try:
                     await _call(self._proxy().subscribe())
-                except sdbus.DbusFailedError as e:
-                    if e.dbus_error_name != "org.freedesktop.systemd1.AlreadySubscribed":
+                except RemoteError as e:
+                    if e.name != "org.freedesktop.systemd1.AlreadySubscribed":
                         raise
                 self._subscribed_owner = owner
 
@@ -222,4 +219,6 @@ async def _call(awaitable: Awaitable[T]) -> T:
         raise Errno(errno.ETIMEDOUT, "Timed out waiting for systemd") from None
     except SdBusUnmappedMessageError as e:
         name, message = (list(e.args) + ["org.freedesktop.DBus.Error.Failed", ""])[:2]
-        raise dbus_error(str(name))(str(message)) from None
+        raise RemoteError(str(name), str(message)) from None
+    except sdbus.DbusFailedError as e:
+        raise RemoteError(e.dbus_error_name, str(e.args[0]) if e.args else "") from None

@@ -1,7 +1,11 @@
 import os
 import subprocess
 
+import pytest
+
 from tests.conftest import POOL
+
+pytestmark = pytest.mark.root  # containers, user namespaces, mounts
 
 
 def test_private_namespace():

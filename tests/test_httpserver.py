@@ -367,7 +367,7 @@ def test_parallel_downloads(srv: TestServer, root: Path, tmp_path: Path):
         files[f"p{i}.raw"] = sha256(data)
     srv.faults["p3.raw"] = Fault(rate=4_000_000)                 # one slow one among them
     with concurrent.futures.ThreadPoolExecutor(20) as pool:
-        got = dict(zip(files, pool.map(lambda n: sha256(fetch(srv.url(n))[2]), files)))
+        got = dict(zip(files, pool.map(lambda n: sha256(fetch(srv.url(n))[2]), files), strict=True))
     assert got == files
     # curl, 20 transfers at once.
     out = tmp_path / "curl"

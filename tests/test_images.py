@@ -4,15 +4,15 @@ on disk, on btrfs and on a plain-directory pool."""
 from __future__ import annotations
 
 import os
-import stat
 import shutil
+import stat
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from imagepool import btrfs, fsutil
-from tests import world
+from imagepool import dev as world
 from tests.conftest import Pool, busctl, machinectl
 from tests.imagetree import describe_tree, make_os_tree, make_rich_tree, populate
 

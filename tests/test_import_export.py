@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from imagepool import btrfs, fsutil
+from imagepool import dev as world
 from importd.local import sync_default
-from tests import world
 from tests.conftest import Daemons, Pool, machinectl
 from tests.imagetree import describe_tree, make_os_tree, make_rich_tree
 
@@ -309,7 +309,7 @@ def test_machinectl_matches_reference_importd(pool: Pool, daemons: Daemons, tmp_
 
     reference, ref_names = session(False)
     ours, our_names = session(True)
-    mismatches = [f"--- reference\n{r}--- ours\n{o}" for o, r in zip(ours, reference) if o != r]
+    mismatches = [f"--- reference\n{r}--- ours\n{o}" for o, r in zip(ours, reference, strict=True) if o != r]
     assert not mismatches, "\n".join(mismatches)
     assert our_names == ref_names
     assert "t" in our_names and "fs1" in our_names
@@ -343,6 +343,7 @@ def test_decompression_bomb_stops_at_free_space(pool: Pool, services: Daemons, t
     world.wait_for(space_back, 30, "the pool's space to come back", 0.5)
 
 
+@pytest.mark.root
 def test_size_cap_is_configurable(tmp_path: Path) -> None:
     from imagepool.image import Pool as ImagePool
     from importd import local
@@ -358,6 +359,7 @@ def test_size_cap_is_configurable(tmp_path: Path) -> None:
     assert os.listdir(pool_dir) == []
 
 
+@pytest.mark.root
 @pytest.mark.parametrize("sync", [True, False])
 def test_import_syncs_before_install(tmp_path: Path, sync: bool) -> None:
     """As systemd-import's --sync=yes (the default): the image's file system
@@ -379,7 +381,7 @@ def test_import_syncs_before_install(tmp_path: Path, sync: bool) -> None:
     trace = tmp_path / "trace"
     r = subprocess.run(["strace", "-f", "-qq", "-e", "trace=syncfs,rename,renameat2", "-o", str(trace),
                         sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                       cwd=world.REPO)
+                       cwd=world.SOURCES)
     assert r.returncode == 0, r.stderr
     assert (pool_dir / "disk.raw").read_bytes() == src.read_bytes()
     calls = [line.split(None, 1)[1] for line in trace.read_text().splitlines() if "(" in line]

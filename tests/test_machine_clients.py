@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import sdbus
 
-from tests import world
+from imagepool import dev as world
 from tests.conftest import Daemons, Pool, busctl, machinectl
 from tests.test_machines import MANAGER, Nspawn, descendants, gdbus, make_root, show
 from tests.test_machines import machined_only as machined_only  # noqa: F401  (the fixture)
@@ -220,7 +220,7 @@ def test_network_interfaces_and_no_private_networking(pool: Pool, machined_only:
         assert "Address:" not in r.stdout
 
 
-# --- 3. callers that are not root ---------------------------------------------------------------------------------------
+# --- 3. callers that are not root ------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("pool", ["plain"], indirect=True)
@@ -361,7 +361,7 @@ def test_bind_pty_root_and_argument_errors(pool: Pool, machined_only: Daemons, t
         assert dest.read_text() == "new\n"
 
 
-# --- 5. CreateMachine without systemd: a cgroup of our own -------------------------------------------------------------
+# --- 5. CreateMachine without systemd: a cgroup of our own ---------------------------------------------------
 
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")

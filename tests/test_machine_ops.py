@@ -1,4 +1,4 @@
-"""The per-machine operations (machined.machine_ops) against real containers.
+"""The per-machine operations (machined.ops) against real containers.
 
 A "container" is a busybox tree under tmp_path run by util-linux unshare in
 new PID, mount, UTS, IPC and network namespaces (variants: with a user
@@ -33,15 +33,25 @@ from pathlib import Path
 
 import pytest
 
-from imagepool.errors import Errno, InvalidArgs, NotSupported, PoolError
-from machined import machine as machine_module
-from machined import machine_ops as ops
-from machined import nsexec
-from machined.machine import Machine, MachineClass, NoPrivateNetworking, NoSuchGroupMapping, NoSuchUserMapping
-from tests import world
+from imagepool import dev as world
+from imagepool.errors import (
+    Errno,
+    InvalidArgs,
+    NoPrivateNetworking,
+    NoSuchGroupMapping,
+    NoSuchUserMapping,
+    NotSupported,
+    PoolError,
+    dbus_name,
+)
+from machined import nsexec, ops, procs
+from machined.machine import Machine, MachineClass
+from machined.ops.mounts import PROPAGATE_DIR
+from machined.ops.shell import DEFAULT_PATH
 
 BUSYBOX = next((p for p in ("/bin/busybox", "/usr/bin/busybox") if os.path.exists(p)), None)
-pytestmark = pytest.mark.skipif(BUSYBOX is None, reason="busybox-static is not installed")
+pytestmark = [pytest.mark.root,  # containers, user namespaces, mounts
+              pytest.mark.skipif(BUSYBOX is None, reason="busybox-static is not installed")]
 
 APPLETS = ["sh", "ls", "cat", "sleep", "id", "echo", "mount", "hostname", "tty", "readlink", "touch", "mkdir",
            "printf", "kill", "env", "pwd", "true", "test", "stat", "head"]
@@ -368,7 +378,7 @@ def test_addresses_shared_network_and_vm(containers):
     with pytest.raises(NoPrivateNetworking) as e:
         ops.get_addresses(c.machine())
     assert e.value.message == f"Machine {c.name} does not use private networking"
-    assert e.value.dbus_name == "org.freedesktop.machine1.NoPrivateNetworking"
+    assert dbus_name(e.value) == "org.freedesktop.machine1.NoPrivateNetworking"
     with pytest.raises(NotSupported, match="^Requesting IP address data is only supported on container machines.$"):
         ops.get_addresses(c.machine(MachineClass.VM))
 
@@ -387,7 +397,7 @@ def test_os_release(containers):
     with pytest.raises(PoolError) as e:
         ops.get_os_release(c.machine())
     assert e.value.message == "Machine does not contain OS release information"
-    assert e.value.dbus_name == "org.freedesktop.DBus.Error.Failed"
+    assert dbus_name(e.value) == "org.freedesktop.DBus.Error.Failed"
     with pytest.raises(NotSupported, match="^Requesting OS release data is only supported on container machines.$"):
         ops.get_os_release(c.machine(MachineClass.VM))
     host = ops.get_os_release(host_machine())
@@ -506,7 +516,7 @@ def test_open_pty_host_and_vm(containers):
     with pytest.raises(Errno) as e:
         ops.open_pty(c.machine(MachineClass.VM))
     assert e.value.errno == errno.EOPNOTSUPP
-    assert e.value.dbus_name == "org.freedesktop.DBus.Error.NotSupported"
+    assert dbus_name(e.value) == "org.freedesktop.DBus.Error.NotSupported"
 
 
 def test_open_pty_refuses_other_devices(containers):
@@ -541,7 +551,7 @@ def test_open_shell(containers, shift, user):
         "hello",
         str(uid),
         "1000 10" if user else "0",
-        f"env:bar baz:{home}:{account}:{account}:/bin/sh:xterm:{ops.DEFAULT_PATH}",
+        f"env:bar baz:{home}:{account}:{account}:/bin/sh:xterm:{DEFAULT_PATH}",
         home,
         f"box{c.name[1:]}",
         name,
@@ -616,7 +626,7 @@ def test_open_login_through_container_bus(containers):
         # A bus without systemd on it: the error comes back from in there.
         with pytest.raises(PoolError) as e:
             ops.open_login(c.machine())
-        assert e.value.dbus_name == "org.freedesktop.DBus.Error.ServiceUnknown"
+        assert dbus_name(e.value) == "org.freedesktop.DBus.Error.ServiceUnknown"
         fake = subprocess.Popen([sys.executable, "-c", FAKE_SYSTEMD], stdout=subprocess.PIPE, text=True,
                                 env={**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": bus.address})
         try:
@@ -658,7 +668,8 @@ def test_open_shell_through_container_systemd(containers):
                 "Description": "Shell for User alice", "SendSIGHUP": True, "IgnoreSIGPIPE": False,
                 "KillMode": "mixed", "TTYPath": name, "TTYReset": True, "UtmpIdentifier": f"pts/{number}",
                 "UtmpMode": "user", "PAMName": "login", "WorkingDirectory": "-~", "User": "alice",
-                "Environment": ["GREETING=hello"], "ExecStart": [["/bin/sh", ["sh", "-c", "echo unit $GREETING"], False]],
+                "Environment": ["GREETING=hello"],
+                "ExecStart": [["/bin/sh", ["sh", "-c", "echo unit $GREETING"], False]],
             }
             # The default: the user's login shell, found by systemd's script.
             master, name = ops.open_shell(c.machine(), "", "", [], [])
@@ -745,7 +756,7 @@ def test_copy_exists_and_replace(containers, tmp_path):
     with pytest.raises(Errno) as e:
         ops.copy_to(m, str(tmp_path / "f"), "/tmp/f", False)
     assert e.value.errno == errno.EEXIST
-    assert e.value.dbus_name == "org.freedesktop.DBus.Error.FileExists"
+    assert dbus_name(e.value) == "org.freedesktop.DBus.Error.FileExists"
     assert (c.root / "tmp/f").read_text() == "old\n"
     ops.copy_to(m, str(tmp_path / "f"), "/tmp/f", True)
     assert (c.root / "tmp/f").read_text() == "new\n"
@@ -928,7 +939,7 @@ def test_kill_cgroup(containers, monkeypatch):
     stray = subprocess.Popen(["sleep", "1000"], start_new_session=True)
     try:
         Path(root + rel, "cgroup.procs").write_text(str(stray.pid))
-        monkeypatch.setattr(machine_module, "CGROUP_ROOT", root)
+        monkeypatch.setattr(procs, "CGROUP_ROOT", root)
         m.cgroup = rel
         ops.kill(m, "all", signal.SIGKILL)
         assert stray.wait(5) == -signal.SIGKILL
@@ -1045,16 +1056,16 @@ def test_nspawn_container(nspawn, tmp_path, caplog):
     with pytest.raises(NoPrivateNetworking):
         ops.get_addresses(m)  # nspawn without --private-network
     # Bind mounts go through nspawn's propagation directory.
-    assert os.path.isdir(f"{ops.PROPAGATE_DIR}/{m.name}")
+    assert os.path.isdir(f"{PROPAGATE_DIR}/{m.name}")
     src = tmp_path / "share"
     src.mkdir()
     (src / "file").write_text("via propagation\n")
-    with caplog.at_level(logging.DEBUG, logger="machined.machine_ops"):
+    with caplog.at_level(logging.DEBUG, logger="machined.ops.mounts"):
         ops.bind_mount(m, str(src), "/srv/share", True, True)
     # Moved in from /run/host/incoming/ if the mount propagated there, else attached directly.
     assert ("through nspawn's propagation directory" in caplog.text) == shared
     assert Path(f"/proc/{m.leader}/root/srv/share/file").read_text() == "via propagation\n"
-    assert os.listdir(f"{ops.PROPAGATE_DIR}/{m.name}") == []  # the staging mount is gone
+    assert os.listdir(f"{PROPAGATE_DIR}/{m.name}") == []  # the staging mount is gone
     master, name = ops.open_shell(m, "", "/bin/sh", ["sh", "-c", "cat /srv/share/file; echo x > /srv/share/y; tty"],
                                   [])
     try:

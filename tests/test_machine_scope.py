@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests import world
+from imagepool import dev as world
 from tests.conftest import Daemons, Pool, busctl, machinectl
 from tests.test_machine_clients import CGROUP_ROOT, StrayingLeader, cgroup_v2_at_root, remove_cgroup_dir
 
@@ -42,7 +42,7 @@ class FakeSystemd:
         self.bus = bus
         self.directory = directory
         self.proc: subprocess.Popen | None = None
-        self.env = dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=bus.address, PYTHONPATH=str(world.REPO))
+        self.env = dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=bus.address, PYTHONPATH=str(world.SOURCES))
 
     def start(self) -> FakeSystemd:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -254,7 +254,7 @@ def test_create_variants_and_fallback(pool: Pool, machined_only: Daemons, fake_s
         for s in sleepers:
             stop(s)
     for name in ("vm1", "net1", "own1"):
-        world.wait_for(lambda: machinectl("show", name).returncode != 0, 10, f"{name} to go away")
+        world.wait_for(lambda name=name: machinectl("show", name).returncode != 0, 10, f"{name} to go away")
 
 
 @pytest.mark.parametrize("pool", ["plain"], indirect=True)
@@ -333,7 +333,8 @@ def test_systemd_units_of_machines(pool: Pool, machined_only: Daemons, fake_syst
             assert r.stdout.strip() == 'o "/org/freedesktop/machine1/machine/reg"', r.stdout + r.stderr
             assert machinectl("kill", "reg", "--signal=CONT").returncode == 0
             assert machinectl("terminate", "reg").returncode == 0
-            assert [c["args"] for c in fake_systemd.calls("KillUnit")] == [["fake-nspawn.service", "all", signal.SIGCONT]]
+            kills = [c["args"] for c in fake_systemd.calls("KillUnit")]
+            assert kills == [["fake-nspawn.service", "all", signal.SIGCONT]]
             assert [c["args"] for c in fake_systemd.calls("StopUnit")] == [["fake-nspawn.service", "fail"]]
 
             (fake_systemd.directory / "place").write_text("yes")

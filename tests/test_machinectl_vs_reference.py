@@ -3,7 +3,6 @@ on identical pools: the same output, messages and exit codes."""
 
 from __future__ import annotations
 
-
 import pytest
 
 from tests.conftest import Daemons, Pool, machinectl
@@ -80,7 +79,7 @@ def run_all(daemons: Daemons, start, verbs: list[list[str]]) -> list[str]:
 
 def assert_same(ours: list[str], reference: list[str]) -> None:
     mismatches = [
-        f"--- reference\n{r}--- ours\n{o}" for o, r in zip(ours, reference) if normalize(o) != normalize(r)
+        f"--- reference\n{r}--- ours\n{o}" for o, r in zip(ours, reference, strict=True) if normalize(o) != normalize(r)
     ]
     assert not mismatches, "\n".join(mismatches)
 

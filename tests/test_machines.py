@@ -17,8 +17,8 @@ import pytest
 import sdbus
 from sdbus.sd_bus_internals import SdBusUnmappedMessageError
 
-from machined.machine import cgroup_unit
-from tests import world
+from imagepool import dev as world
+from machined.procs import cgroup_unit
 from tests.conftest import Daemons, Pool, busctl, machinectl
 
 MANAGER = ("org.freedesktop.machine1", "/org/freedesktop/machine1", "org.freedesktop.machine1.Manager")
@@ -363,7 +363,7 @@ def test_registry_errors_match_reference(pool: Pool, daemons: Daemons) -> None:
         sleeper.kill()
         sleeper.wait()
     assert sum("GDBus.Error" in line for line in reference) == len(REGISTRY_ERRORS) - 1, reference
-    for call, theirs, mine in zip(REGISTRY_ERRORS, reference, ours):
+    for call, theirs, mine in zip(REGISTRY_ERRORS, reference, ours, strict=True):
         assert mine == theirs, call
 
 
@@ -421,7 +421,7 @@ def test_unprivileged_errors_match_reference(pool: Pool, daemons: Daemons) -> No
     daemons.start("importd")
     ours = run_all()
     assert sum("Permission denied" in line for line in reference) >= 10, reference
-    for call, theirs, mine in zip(UNPRIVILEGED_CALLS, reference, ours):
+    for call, theirs, mine in zip(UNPRIVILEGED_CALLS, reference, ours, strict=True):
         assert mine == theirs, call
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from imagepool import btrfs
-from tests import world
+from imagepool import dev as world
 from tests.conftest import Daemons, Pool, machinectl
 from tests.httpserver import Fault, TestServer
 from tests.imagetree import describe_tree, make_os_tree
@@ -160,10 +160,12 @@ def test_pull_raw(env, tmp_path: Path, suffix: str) -> None:
     if suffix == "qcow2":
         src = tmp_path / "src.raw"
         src.write_bytes(data)
-        subprocess.run(["qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", str(src), str(site.root / "disk.qcow2")],
+        subprocess.run(["qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", str(src),
+                        str(site.root / "disk.qcow2")],
                        check=True)
     else:
-        compressor = {"raw": None, "raw.xz": ["xz", "-c"], "raw.gz": ["gzip", "-c"], "raw.zst": ["zstd", "-q", "-c"]}[suffix]
+        compressors = {"raw": None, "raw.xz": ["xz", "-c"], "raw.gz": ["gzip", "-c"], "raw.zst": ["zstd", "-q", "-c"]}
+        compressor = compressors[suffix]
         body = subprocess.run(compressor, input=data, capture_output=True, check=True).stdout if compressor else data
         site.add(f"disk.{suffix}", body)
     site.add("disk.roothash", b"0123abcd\n")
@@ -470,7 +472,7 @@ def test_pull_messages_match_reference(pool: Pool, daemons: Daemons, tmp_path: P
         reference = session(False)
         ours = session(True)
     compared = 0
-    for verb, ref, (our_lines, our_rc) in zip(PULL_SCENARIO, reference, ours):
+    for verb, ref, (our_lines, our_rc) in zip(PULL_SCENARIO, reference, ours, strict=True):
         if ref is None:
             continue
         ref_lines, ref_rc = ref
@@ -516,7 +518,7 @@ def test_pull_argument_errors_match_reference(pool: Pool, daemons: Daemons) -> N
     daemons.start("importd")
     ours = run_all()
     assert sum("GDBus.Error" in line for line in reference) == len(PULL_ARGUMENT_ERRORS) - 1, reference
-    for call, theirs, mine in zip(PULL_ARGUMENT_ERRORS, reference, ours):
+    for call, theirs, mine in zip(PULL_ARGUMENT_ERRORS, reference, ours, strict=True):
         assert mine == theirs, call
 
 

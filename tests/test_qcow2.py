@@ -275,7 +275,7 @@ def test_progress(images: dict[str, Path], tmp_path: Path) -> None:
     assert all(total == SIZE for _, total in calls)
     done = [d for d, _ in calls]
     assert done == sorted(done)
-    assert all(b - a >= 16 * MiB for a, b in zip(done[:-2], done[1:-1]))
+    assert all(b - a >= 16 * MiB for a, b in zip(done[:-2], done[1:-1], strict=True))
     assert len(calls) <= SIZE // (16 * MiB) + 1
 
 
@@ -460,7 +460,8 @@ def test_crafted_image_matches_qemu_img(tmp_path: Path) -> None:
         7 * CS,  # the last cluster of the file, cut short below
     )
     # Cluster 6 is the (empty) refcount table.
-    image = _simple(l2, a, b, bytes(100) + squeezed, bytes(CS), _random(CS, 3), size=6 * CS - 4096, refcount_table=6 * CS)
+    image = _simple(l2, a, b, bytes(100) + squeezed, bytes(CS), _random(CS, 3), size=6 * CS - 4096,
+                    refcount_table=6 * CS)
     image = image[: 7 * CS + 1000]
     out, size = _convert_bytes(tmp_path, image)
     assert size == 6 * CS - 4096
@@ -556,19 +557,24 @@ def _hostile() -> dict[str, tuple[bytes, str, dict]]:
         "l1-unaligned": (_simple(_table(), l1_offset=CS + 8), "L1 table offset not cluster-aligned", {}),
         "l1-at-header": (_simple(_table(), l1_offset=0), "L1 table overlaps the header", {}),
         "l2-past-eof": (_image(_header(), {1: _table(100 * CS)}), "L2 table offset beyond end of file", {}),
-        "l2-unaligned": (_image(_header(), {1: _table(2 * CS + 512), 2: _table()}), "L2 table offset not cluster-aligned", {}),
+        "l2-unaligned": (_image(_header(), {1: _table(2 * CS + 512), 2: _table()}),
+                         "L2 table offset not cluster-aligned", {}),
         "data-past-eof": (_simple(_table(3 * CS, 100 * CS), _random(CS)), "data cluster offset beyond end of file", {}),
         "data-unaligned": (_simple(_table(3 * CS + 4096), _random(CS)), "data cluster offset not cluster-aligned", {}),
-        "v2-zero-flag": (_simple(_table(3 * CS | _ZERO), _random(CS), version=2), "zero cluster in a version 2 image", {}),
-        "compressed-past-eof": (_simple(_table(_compressed_entry(100 * CS, 1000))), "compressed cluster offset beyond", {}),
+        "v2-zero-flag": (_simple(_table(3 * CS | _ZERO), _random(CS), version=2),
+                         "zero cluster in a version 2 image", {}),
+        "compressed-past-eof": (_simple(_table(_compressed_entry(100 * CS, 1000))),
+                                "compressed cluster offset beyond", {}),
         "compressed-at-header": (_simple(_table(_compressed_entry(0, 4000))), "compressed cluster", {}),
-        "compressed-garbage": (_simple(_table(_compressed_entry(3 * CS, len(garbage))), garbage), "compressed cluster", {}),
+        "compressed-garbage": (_simple(_table(_compressed_entry(3 * CS, len(garbage))), garbage),
+                               "compressed cluster", {}),
         "compressed-short": (
             _simple(_table(_compressed_entry(3 * CS, len(short))), short),
             "decompresses to the wrong size",
             {},
         ),
-        "zstd-garbage": (_simple(_table(_compressed_entry(3 * CS, len(garbage))), garbage, **ZSTD), "compressed cluster", {}),
+        "zstd-garbage": (_simple(_table(_compressed_entry(3 * CS, len(garbage))), garbage, **ZSTD),
+                         "compressed cluster", {}),
         "zstd-zlib-data": (
             _simple(_table(_compressed_entry(3 * CS, len(short))), short, **ZSTD),
             "compressed cluster is corrupt",

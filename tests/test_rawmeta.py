@@ -23,15 +23,16 @@ import pytest
 from imagepool import rawmeta
 from imagepool.errors import MetadataError
 from imagepool.metadata import ImageMetadata
+from imagepool.rawmeta import partitions
 
 MiB = 1024 * 1024
 ROOT_X86_64 = "4f68bce3-e8cd-4db1-96e7-fbcaf984b709"
 ROOT_ARM64 = "b921b045-1df0-41c3-af44-4c6f280d3fae"
 GENERIC = "0fc63daf-8483-4772-8e79-3d69d8477de4"
 SWAP = "0657fd6d-a4ab-43c4-84e5-0933c84b4f4f"
-NATIVE, SECONDARY = rawmeta.host_architectures()
-NATIVE_ROOT = str(rawmeta.PARTITION_TYPES[NATIVE][0])
-NATIVE_USR = str(rawmeta.PARTITION_TYPES[NATIVE][1])
+NATIVE, SECONDARY = partitions.host_architectures()
+NATIVE_ROOT = str(partitions.PARTITION_TYPES[NATIVE][0])
+NATIVE_USR = str(partitions.PARTITION_TYPES[NATIVE][1])
 FOREIGN_ROOT = ROOT_ARM64 if NATIVE != "arm64" else ROOT_X86_64
 
 MACHINE_ID = "0123456789abcdef0123456789abcdef"
@@ -159,12 +160,14 @@ def dissect_error(path: Path | str) -> str:
 # ---------------------------------------------------------------- images that work
 
 
+@pytest.mark.root
 @pytest.mark.parametrize("mkfs", ["mkfs.ext4", "mkfs.ext2"])
 def test_bare_ext4(tmp_path: Path, mkfs: str) -> None:
     image = mkext4(tmp_path / "bare.raw", make_tree(tmp_path / "tree"), mkfs=mkfs)
     assert rawmeta.read_raw_metadata(str(image)) == expected()
 
 
+@pytest.mark.root
 def test_ext4_journal_needing_recovery(tmp_path: Path) -> None:
     """The read-only loop device cannot replay a journal: mounted with noload."""
     image = mkext4(tmp_path / "dirty.raw", make_tree(tmp_path / "tree", hostname="dirty-host"))
@@ -173,6 +176,7 @@ def test_ext4_journal_needing_recovery(tmp_path: Path) -> None:
     assert rawmeta.read_raw_metadata(str(image)) == expected("dirty-host")
 
 
+@pytest.mark.root
 def test_gpt_root_partition(tmp_path: Path) -> None:
     """A GPT with a swap partition and the root partition of this
     architecture (the x86-64 one on x86-64): the root is mounted."""
@@ -186,12 +190,14 @@ def test_gpt_root_partition(tmp_path: Path) -> None:
     assert rawmeta.read_raw_metadata(str(image)) == expected("gpt-host")
 
 
+@pytest.mark.root
 def test_gpt_generic_linux_partition(tmp_path: Path) -> None:
     fs = mkext4(tmp_path / "data.ext4", make_tree(tmp_path / "tree", hostname="generic-host"))
     image = gpt_image(tmp_path / "generic.raw", [{"type": GENERIC, "fs": fs}])
     assert rawmeta.read_raw_metadata(str(image)) == expected("generic-host")
 
 
+@pytest.mark.root
 def test_btrfs_bare(tmp_path: Path) -> None:
     tree = make_tree(tmp_path / "tree", hostname="btrfs-host")
     image = tmp_path / "btrfs.raw"
@@ -201,6 +207,7 @@ def test_btrfs_bare(tmp_path: Path) -> None:
     assert rawmeta.read_raw_metadata(str(image)) == expected("btrfs-host")
 
 
+@pytest.mark.root
 def test_symlinks_resolve_inside_the_image(tmp_path: Path) -> None:
     """os-release only in /usr/lib (relative symlink from /etc) and an
     absolute /etc/hostname symlink: both resolve inside the image."""
@@ -216,6 +223,7 @@ def test_symlinks_resolve_inside_the_image(tmp_path: Path) -> None:
     assert rawmeta.read_raw_metadata(str(image)) == expected("inside-host")
 
 
+@pytest.mark.root
 def test_usr_lib_os_release_without_etc(tmp_path: Path) -> None:
     tree = make_tree(tmp_path / "tree", machine_info=None, machine_id=None)
     (tree / "etc/os-release").unlink()
@@ -225,6 +233,7 @@ def test_usr_lib_os_release_without_etc(tmp_path: Path) -> None:
     assert md == ImageMetadata(hostname="foo-host", os_release={"ID": "usronly"})
 
 
+@pytest.mark.root
 def test_block_device(tmp_path: Path) -> None:
     image = mkext4(tmp_path / "bare.raw", make_tree(tmp_path / "tree", hostname="blockdev-host"))
     dev = run("losetup", "--find", "--show", "--read-only", str(image)).strip()
@@ -236,6 +245,7 @@ def test_block_device(tmp_path: Path) -> None:
         run("losetup", "-d", dev)
 
 
+@pytest.mark.root
 def test_gpt_on_block_device(tmp_path: Path) -> None:
     fs = mkext4(tmp_path / "root.ext4", make_tree(tmp_path / "tree", hostname="gptdev-host"))
     image = gpt_image(tmp_path / "gpt.raw", [{"type": NATIVE_ROOT, "fs": fs}])
@@ -247,6 +257,7 @@ def test_gpt_on_block_device(tmp_path: Path) -> None:
         run("losetup", "-d", dev)
 
 
+@pytest.mark.root
 def test_versioned_root_partitions(tmp_path: Path) -> None:
     """Of several root partitions the newest label version wins; no-auto and
     "_empty" partitions are skipped (as systemd's dissection does)."""
@@ -261,6 +272,7 @@ def test_versioned_root_partitions(tmp_path: Path) -> None:
     assert rawmeta.read_raw_metadata(str(image)) == expected("new-host")
 
 
+@pytest.mark.root
 def test_root_and_usr_partitions(tmp_path: Path) -> None:
     """The /usr partition is mounted on the root's /usr, as systemd does."""
     root = make_tree(tmp_path / "root", hostname="split-host")
@@ -281,12 +293,14 @@ def test_root_and_usr_partitions(tmp_path: Path) -> None:
     assert rawmeta.read_raw_metadata(str(image)) == ImageMetadata(os_release=OS_RELEASE_PARSED)
 
 
+@pytest.mark.root
 def test_dos_partition_table(tmp_path: Path) -> None:
     fs = mkext4(tmp_path / "root.ext4", make_tree(tmp_path / "tree", hostname="dos-host"))
     image = gpt_image(tmp_path / "dos.raw", [{"type": "83", "fs": fs}], label="dos")
     assert rawmeta.read_raw_metadata(str(image)) == expected("dos-host")
 
 
+@pytest.mark.root
 def test_gpt_with_4k_sectors(tmp_path: Path) -> None:
     fs = mkext4(tmp_path / "root.ext4", make_tree(tmp_path / "tree", hostname="4k-host"))
     image = tmp_path / "4k.raw"
@@ -304,6 +318,7 @@ def test_gpt_with_4k_sectors(tmp_path: Path) -> None:
     assert rawmeta.read_raw_metadata(str(image)) == expected("4k-host")
 
 
+@pytest.mark.root
 def test_damaged_primary_gpt_falls_back_to_backup(tmp_path: Path) -> None:
     fs = mkext4(tmp_path / "root.ext4", make_tree(tmp_path / "tree", hostname="backup-host"))
     image = gpt_image(tmp_path / "gpt.raw", [{"type": NATIVE_ROOT, "fs": fs}])
@@ -316,23 +331,27 @@ def test_damaged_primary_gpt_falls_back_to_backup(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- images that fail
 
 
+@pytest.mark.root
 def test_random_bytes(tmp_path: Path) -> None:
     image = tmp_path / "random.raw"
     image.write_bytes(random.Random(4).randbytes(4 * MiB))
     assert dissect_error(image).endswith("No partition table or file system found")
 
 
+@pytest.mark.root
 def test_gpt_with_only_swap(tmp_path: Path) -> None:
     image = gpt_image(tmp_path / "swap.raw", [{"type": SWAP, "size": 4 * MiB}])
     assert dissect_error(image).endswith(": No root partition found")
 
 
+@pytest.mark.root
 def test_gpt_with_only_a_foreign_root(tmp_path: Path) -> None:
     image = gpt_image(tmp_path / "foreign.raw", [{"type": FOREIGN_ROOT, "size": 4 * MiB}])
     message = dissect_error(image)
     assert f"No root partition for architecture {NATIVE} found" in message
 
 
+@pytest.mark.root
 def test_gpt_with_two_generic_partitions(tmp_path: Path) -> None:
     image = gpt_image(tmp_path / "two.raw", [{"type": GENERIC, "size": MiB}, {"type": GENERIC, "size": MiB}])
     assert "Multiple generic Linux partitions" in dissect_error(image)
@@ -347,6 +366,7 @@ def _gpt_header(count: int, entry_size: int = 128, entries_lba: int = 2, entries
     return struct.pack("<8sIIIIQQQQ16sQIII", *fields)
 
 
+@pytest.mark.root
 def test_truncated_gpt_with_huge_partition_count(tmp_path: Path) -> None:
     image = tmp_path / "huge.raw"
     pmbr = bytearray(512)
@@ -357,6 +377,7 @@ def test_truncated_gpt_with_huge_partition_count(tmp_path: Path) -> None:
     assert "Invalid GPT partition table" in message and "4294967295 partition entries" in message
 
 
+@pytest.mark.root
 def test_gpt_entries_beyond_the_end(tmp_path: Path) -> None:
     """Entry array claimed past the end of a truncated file."""
     image = tmp_path / "short.raw"
@@ -364,6 +385,7 @@ def test_gpt_entries_beyond_the_end(tmp_path: Path) -> None:
     assert "partition entry array lies outside the image" in dissect_error(image)
 
 
+@pytest.mark.root
 def test_root_partition_beyond_the_end(tmp_path: Path) -> None:
     fs = mkext4(tmp_path / "root.ext4", make_tree(tmp_path / "tree"))
     image = gpt_image(tmp_path / "cut.raw", [{"type": NATIVE_ROOT, "fs": fs}])
@@ -371,12 +393,14 @@ def test_root_partition_beyond_the_end(tmp_path: Path) -> None:
     assert dissect_error(image).endswith("Partition 1 extends beyond the end of the image")
 
 
+@pytest.mark.root
 def test_empty_file(tmp_path: Path) -> None:
     image = tmp_path / "empty.raw"
     image.touch()
     assert dissect_error(image).endswith(": Image is empty")
 
 
+@pytest.mark.root
 def test_unsupported_file_system(tmp_path: Path) -> None:
     image = tmp_path / "swap.raw"
     with open(image, "wb") as f:
@@ -385,6 +409,7 @@ def test_unsupported_file_system(tmp_path: Path) -> None:
     assert dissect_error(image).endswith("Unsupported file system 'swap' on the image")
 
 
+@pytest.mark.root
 def test_corrupted_ext4(tmp_path: Path) -> None:
     """A superblock blkid recognises, but the kernel refuses to mount."""
     image = mkext4(tmp_path / "bad.raw", make_tree(tmp_path / "tree"))
@@ -402,6 +427,7 @@ def test_not_an_image(tmp_path: Path) -> None:
     assert dissect_error(fifo).endswith(": Not a regular file or block device")
 
 
+@pytest.mark.root
 def test_timeout_kills_the_helper(tmp_path: Path) -> None:
     """Killed at various stages (starting, attaching, mounting): always a
     MetadataError saying so, and nothing left behind (checked by no_leaks)."""
@@ -424,28 +450,28 @@ def test_timeout_kills_the_helper(tmp_path: Path) -> None:
 
 
 def test_partition_types() -> None:
-    assert str(rawmeta.PARTITION_TYPES["x86-64"][0]) == ROOT_X86_64
-    assert str(rawmeta.PARTITION_TYPES["arm64"][0]) == ROOT_ARM64
-    assert rawmeta.host_architectures("x86_64", "little") == ("x86-64", "x86")
-    assert rawmeta.host_architectures("aarch64", "little") == ("arm64", "arm")
-    assert rawmeta.host_architectures("ppc64le", "little") == ("ppc64-le", None)
+    assert str(partitions.PARTITION_TYPES["x86-64"][0]) == ROOT_X86_64
+    assert str(partitions.PARTITION_TYPES["arm64"][0]) == ROOT_ARM64
+    assert partitions.host_architectures("x86_64", "little") == ("x86-64", "x86")
+    assert partitions.host_architectures("aarch64", "little") == ("arm64", "arm")
+    assert partitions.host_architectures("ppc64le", "little") == ("ppc64-le", None)
 
 
 def test_secondary_architecture_root() -> None:
-    x86 = rawmeta.PARTITION_TYPES["x86"][0]
-    x86_64 = rawmeta.PARTITION_TYPES["x86-64"][0]
+    x86 = partitions.PARTITION_TYPES["x86"][0]
+    x86_64 = partitions.PARTITION_TYPES["x86-64"][0]
 
-    def table(*types: object) -> rawmeta.PartitionTable:
-        return rawmeta.PartitionTable("gpt", 512, tuple(
-            rawmeta.Partition(number=i + 1, type=t, offset=MiB * (i + 1), size=MiB) for i, t in enumerate(types)
+    def table(*types: object) -> partitions.PartitionTable:
+        return partitions.PartitionTable("gpt", 512, tuple(
+            partitions.Partition(number=i + 1, type=t, offset=MiB * (i + 1), size=MiB) for i, t in enumerate(types)
         ))
 
-    root, usr = rawmeta.select_partitions(table(x86), "x86-64", "x86")
+    root, usr = partitions.select_partitions(table(x86), "x86-64", "x86")
     assert root is not None and root.number == 1 and usr is None
-    root, _ = rawmeta.select_partitions(table(x86, x86_64), "x86-64", "x86")
+    root, _ = partitions.select_partitions(table(x86, x86_64), "x86-64", "x86")
     assert root is not None and root.number == 2
-    with pytest.raises(rawmeta.DissectError, match="only for: x86-64"):
-        rawmeta.select_partitions(table(x86_64), "arm64", "arm")
+    with pytest.raises(partitions.DissectError, match="only for: x86-64"):
+        partitions.select_partitions(table(x86_64), "arm64", "arm")
 
 
 @pytest.mark.parametrize("a,b,result", [
@@ -454,9 +480,9 @@ def test_secondary_architecture_root() -> None:
     ("1_2_3", "1.3.3", 1), ("1+", "1", 0), ("0", "a", 1), ("1^1", "1", 1), ("", "", 0),
 ])
 def test_compare_versions(a: str, b: str, result: int) -> None:
-    got = rawmeta.compare_versions(a, b)
+    got = partitions.compare_versions(a, b)
     assert (got > 0) - (got < 0) == result
-    got = rawmeta.compare_versions(b, a)
+    got = partitions.compare_versions(b, a)
     assert (got > 0) - (got < 0) == -result
 
 
@@ -486,16 +512,16 @@ def test_gpt_parser_survives_garbage(tmp_path: Path) -> None:
         os.truncate(fuzzed, size)  # no backup header: the primary one counts
         fd = os.open(fuzzed, os.O_RDONLY)
         try:
-            table = rawmeta.read_gpt(fd, size)
+            table = partitions.read_gpt(fd, size)
             if table is not None:
                 for p in table.partitions:
                     assert p.offset >= 0 and p.size > 0
                 try:
-                    rawmeta.select_partitions(table)
-                except rawmeta.DissectError:
+                    partitions.select_partitions(table)
+                except partitions.DissectError:
                     pass
             outcomes["ok"] += 1
-        except rawmeta.DissectError as e:
+        except partitions.DissectError as e:
             assert str(e).startswith("Invalid GPT partition table: ")
             outcomes["error"] += 1
         finally:

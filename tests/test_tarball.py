@@ -1,4 +1,4 @@
-"""importd.tarball: unpacking through a confined GNU tar child, packing, and
+"""importd.tar and importd.ostree: unpacking through a confined GNU tar child, packing, and
 import_mangle_os_tree().  Hostile tarballs are made here with Python's
 tarfile module (for *making* them only; unpacking is always GNU tar's)."""
 
@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from importd import tarball
+from importd import tar as tarball
 from importd.context import Canceled, JobContext, TransferError
-from importd.tarball import CHUNK, TarUnpacker, mangle_os_tree, pack_tar
+from importd.ostree import mangle_os_tree
+from importd.tar import CHUNK, TarUnpacker, pack_tar
 from tests.imagetree import OS_RELEASE, describe_tree, make_rich_tree
 
 # -- helpers ---------------------------------------------------------------
@@ -110,7 +111,8 @@ def make_tar(*members: tuple) -> bytes:
 
 # -- confinement and argv ----------------------------------------------------
 
-_KEPT = (1 << 0) | (1 << 1) | (1 << 3) | (1 << 4) | (1 << 27) | (1 << 31)  # chown dac_override fowner fsetid mknod setfcap
+# chown dac_override fowner fsetid mknod setfcap
+_KEPT = (1 << 0) | (1 << 1) | (1 << 3) | (1 << 4) | (1 << 27) | (1 << 31)
 
 
 def _wait_for_tar(pid: int) -> None:
@@ -125,6 +127,7 @@ def _status(pid: int) -> dict[str, str]:
         return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
 
 
+@pytest.mark.root
 def test_unpack_argv_and_confinement(tmp_path: Path):
     log = Log()
     with TarUnpacker(str(tmp_path), log.ctx) as u:
@@ -143,7 +146,7 @@ def test_unpack_argv_and_confinement(tmp_path: Path):
         assert int(st["CapBnd"], 16) == _KEPT
         assert int(st["CapInh"], 16) == 0 and int(st["CapAmb"], 16) == 0
         assert os.readlink(f"/proc/{u.pid}/ns/net") != os.readlink("/proc/self/ns/net")
-        assert os.getsid(u.pid) == u.pid  # its own session and process group
+        assert os.getpgid(u.pid) == u.pid  # its own process group
         with open(f"/proc/{u.pid}/environ", "rb") as f:
             env = dict(e.split(b"=", 1) for e in f.read().split(b"\0") if e)
         assert b"TAR_OPTIONS" not in env and env[b"LC_ALL"] == b"C"
@@ -153,6 +156,7 @@ def test_unpack_argv_and_confinement(tmp_path: Path):
     assert (tmp_path / "hello").read_bytes() == b"hi\n"
 
 
+@pytest.mark.root
 def test_pack_is_confined_too(tmp_path: Path):
     (tmp_path / "f").write_bytes(os.urandom(4 * CHUNK))
     before = _children()
@@ -165,6 +169,7 @@ def test_pack_is_confined_too(tmp_path: Path):
     gen.close()
 
 
+@pytest.mark.root
 def test_missing_setpriv_falls_back_with_warning(tmp_path: Path, monkeypatch, caplog):
     real = tarball._which
     monkeypatch.setattr(tarball, "_which", lambda name: None if name == "setpriv" else real(name))
@@ -181,6 +186,7 @@ def _no_dir_sizes(tree: dict[str, tuple]) -> dict[str, tuple]:
     return {k: v[:4] + (None,) + v[5:] if stat.S_ISDIR(v[0]) else v for k, v in tree.items()}
 
 
+@pytest.mark.root
 @pytest.mark.parametrize("target", ["plain", "btrfs"])
 def test_round_trip_rich_tree(tmp_path: Path, request: pytest.FixtureRequest, target: str):
     src = tmp_path / "src"
@@ -225,6 +231,7 @@ def test_round_trip_rich_tree(tmp_path: Path, request: pytest.FixtureRequest, ta
         assert sparse.pax_headers.get("GNU.sparse.major") == "1"
 
 
+@pytest.mark.root
 def test_trusted_xattrs_are_dropped_with_a_warning(tmp_path: Path):
     data = make_tar(("file", "f", b"f", {"pax": {"SCHILY.xattr.trusted.t": "tv", "SCHILY.xattr.user.u": "uv"}}))
     log = unpack(data, tmp_path)  # tar warns but exits 0, as under systemd
@@ -232,6 +239,7 @@ def test_trusted_xattrs_are_dropped_with_a_warning(tmp_path: Path):
     assert os.listxattr(tmp_path / "f") == ["user.u"]
 
 
+@pytest.mark.root
 def test_device_nodes_setuid_and_owners_are_kept(tmp_path: Path):
     data = make_tar(
         ("dir", "dev"), ("chr", "dev/null", (1, 3), {"mode": 0o666}),
@@ -257,6 +265,7 @@ def test_device_nodes_setuid_and_owners_are_kept(tmp_path: Path):
     assert os.lstat(tmp_path / "usr/bin/su").st_mtime == 1_700_000_000
 
 
+@pytest.mark.root
 def test_merged_usr_symlinks_work(tmp_path: Path):
     data = make_tar(
         ("sym", "lib", "usr/lib"),  # dangling when it is created
@@ -274,27 +283,27 @@ def test_merged_usr_symlinks_work(tmp_path: Path):
 
 # -- hostile input ---------------------------------------------------------------
 
-O = "{outside}"  # replaced by the absolute path of the outside directory
+OUT = "{outside}"  # replaced by the absolute path of the outside directory
 
 HOSTILE = {
     # name: (members, tar fails)
     "dotdot": ([("file", "../../outside/dotdot")], True),
     "dotdot-inner": ([("file", "a/../../../outside/inner")], True),
-    "absolute": ([("file", O + "/absolute")], False),  # stripped to a path inside
-    "absolute-symlink-then-write": ([("sym", "etc", O), ("file", "etc/passwd")], True),
-    "absolute-symlink-then-mkdir": ([("sym", "d", O), ("dir", "d/sub")], True),
+    "absolute": ([("file", OUT + "/absolute")], False),  # stripped to a path inside
+    "absolute-symlink-then-write": ([("sym", "etc", OUT), ("file", "etc/passwd")], True),
+    "absolute-symlink-then-mkdir": ([("sym", "d", OUT), ("dir", "d/sub")], True),
     "relative-symlink-escape": ([("sym", "up", "../../outside"), ("file", "up/target"), ("file", "up/new")], True),
     "symlink-chain": ([("dir", "a"), ("sym", "a/b", "../.."), ("sym", "a/c", "b/../../outside"),
                        ("file", "a/c/x"), ("file", "a/b/outside/target")], True),
     "symlink-to-escaping-symlink": ([("dir", "a"), ("sym", "a/b", "../.."), ("sym", "x", "a/b"),
                                      ("file", "x/outside/new")], True),
-    "symlink-then-file": ([("sym", "victim", O + "/target"), ("file", "victim")], False),
+    "symlink-then-file": ([("sym", "victim", OUT + "/target"), ("file", "victim")], False),
     "relative-symlink-then-file": ([("sym", "victim", "../../outside/target"), ("file", "victim")], False),
-    "symlink-hardlink-then-file": ([("sym", "x", O + "/target"), ("hard", "y", "x"), ("file", "y")], False),
-    "symlink-then-dir": ([("sym", "x", O), ("dir", "x"), ("file", "x/y")], True),
-    "hardlink-absolute": ([("hard", "hl", O + "/target")], True),
+    "symlink-hardlink-then-file": ([("sym", "x", OUT + "/target"), ("hard", "y", "x"), ("file", "y")], False),
+    "symlink-then-dir": ([("sym", "x", OUT), ("dir", "x"), ("file", "x/y")], True),
+    "hardlink-absolute": ([("hard", "hl", OUT + "/target")], True),
     "hardlink-dotdot": ([("hard", "hl", "../../outside/target")], True),
-    "hardlink-through-symlink": ([("sym", "l", O), ("hard", "hl", "l/target")], True),
+    "hardlink-through-symlink": ([("sym", "l", OUT), ("hard", "hl", "l/target")], True),
     "pax-path-dotdot": ([("file", "innocent", b"EVIL", {"pax": {"path": "../../outside/paxpath"}})], True),
     "pax-sparse-name-dotdot": ([("file", "innocent", b"EVIL", {"pax": {
         "GNU.sparse.name": "../../outside/sparse", "GNU.sparse.major": "1", "GNU.sparse.minor": "0",
@@ -316,6 +325,7 @@ def _snapshot(root: Path, skip: Path) -> dict[str, tuple]:
     return out
 
 
+@pytest.mark.root
 @pytest.mark.parametrize("case", sorted(HOSTILE))
 def test_hostile_tarball(tmp_path: Path, case: str):
     outside = tmp_path / "outside"
@@ -324,7 +334,7 @@ def test_hostile_tarball(tmp_path: Path, case: str):
     dest = tmp_path / "jail" / "dest"  # so that ../../outside is the outside directory
     dest.mkdir(parents=True)
     members, fails = HOSTILE[case]
-    members = [tuple(x.replace(O, str(outside)) if isinstance(x, str) else x for x in m) for m in members]
+    members = [tuple(x.replace(OUT, str(outside)) if isinstance(x, str) else x for x in m) for m in members]
     before = _snapshot(tmp_path, dest)
     parent_before = sorted(os.listdir(tmp_path.parent))
 
@@ -354,6 +364,7 @@ def test_hostile_tarball(tmp_path: Path, case: str):
 # -- failures, cancellation, cleanup ------------------------------------------------
 
 
+@pytest.mark.root
 def test_garbage_input_fails(tmp_path: Path):
     log = Log()
     with pytest.raises(TransferError, match=r"^tar failed with exit status 2\. Last messages: .*"
@@ -362,12 +373,14 @@ def test_garbage_input_fails(tmp_path: Path):
     assert "tar: This does not look like a tar archive" in log
 
 
+@pytest.mark.root
 @pytest.mark.parametrize("data", [b"", b"hello world\n"], ids=["empty", "text"])
 def test_empty_or_text_input_fails(tmp_path: Path, data: bytes):
     with pytest.raises(TransferError, match=r"^tar failed with exit status 2\."):
         unpack(data, tmp_path)
 
 
+@pytest.mark.root
 def test_truncated_archive_fails(tmp_path: Path):
     data = make_tar(("file", "big", os.urandom(100_000)))
     log = Log()
@@ -376,6 +389,7 @@ def test_truncated_archive_fails(tmp_path: Path):
     assert "Unexpected EOF in archive" in log
 
 
+@pytest.mark.root
 def test_tar_dying_early_fails_the_write(tmp_path: Path):
     """A compressed stream makes GNU tar give up at once; the next writes hit
     a closed pipe and report tar's status and messages."""
@@ -392,6 +406,7 @@ def test_tar_dying_early_fails_the_write(tmp_path: Path):
     u.abort()
 
 
+@pytest.mark.root
 def test_cancel_while_unpacking_large_stream(tmp_path: Path):
     """A 4 GiB member, fed in 1 MiB chunks: cancel after 16 MiB."""
     header = tarfile.TarInfo("huge")
@@ -411,6 +426,7 @@ def test_cancel_while_unpacking_large_stream(tmp_path: Path):
     u.abort()  # idempotent
 
 
+@pytest.mark.root
 def test_cancel_while_write_blocks(tmp_path: Path):
     """tar stops reading (SIGSTOP): the pipe fills and write() waits; a cancel
     from another thread still ends it promptly."""
@@ -427,6 +443,7 @@ def test_cancel_while_write_blocks(tmp_path: Path):
     assert u.returncode == -signal.SIGKILL
 
 
+@pytest.mark.root
 def test_cancel_while_finish_waits(tmp_path: Path):
     log = Log()
     u = TarUnpacker(str(tmp_path), log.ctx)
@@ -440,6 +457,7 @@ def test_cancel_while_finish_waits(tmp_path: Path):
     assert u.returncode == -signal.SIGKILL
 
 
+@pytest.mark.root
 def test_context_manager_kills_unless_finished(tmp_path: Path):
     with pytest.raises(RuntimeError):
         with TarUnpacker(str(tmp_path), JobContext()) as u:
@@ -460,6 +478,7 @@ def test_context_manager_kills_unless_finished(tmp_path: Path):
     assert u3.returncode == 0 and (tmp_path / "g").read_bytes() == b"g"
 
 
+@pytest.mark.root
 def test_pack_cancel_and_early_close_kill_tar(tmp_path: Path):
     (tmp_path / "big").write_bytes(os.urandom(8 * CHUNK))
     ctx = JobContext()
@@ -479,6 +498,7 @@ def test_pack_cancel_and_early_close_kill_tar(tmp_path: Path):
     assert not _new_children(before)
 
 
+@pytest.mark.root
 def test_pack_failure(tmp_path: Path):
     log = Log()
     with pytest.raises(TransferError, match=r"^tar failed with exit status 2\."):
@@ -494,6 +514,7 @@ def _os_tree(root: Path, where: str = "etc/os-release") -> None:
     (root / where).write_text(OS_RELEASE)
 
 
+@pytest.mark.root
 def test_mangle_moves_wrapped_tree_up(tmp_path: Path):
     top = tmp_path / "img"
     inner = top / "rootfs"

@@ -25,9 +25,11 @@ import time
 
 import pytest
 
-from machined import userdb
+from imagepool import varlink
 from machined.machine import Machine, MachineClass
 from machined.userdb import NOLOGIN, SOCKET_PATH, UserDatabase
+
+pytestmark = pytest.mark.root  # containers, user namespaces, mounts
 
 SERVICE = "io.systemd.Machine"
 UDB = "io.systemd.UserDatabase"
@@ -634,20 +636,20 @@ def test_protocol_violation_drops_connection(world, garbage):
 def test_message_size_limit(world):
     # Up to MESSAGE_SIZE_MAX is fine (unknown parameters are ignored) ...
     with Client() as c:
-        pad = "x" * (userdb.MESSAGE_SIZE_MAX - 200)
+        pad = "x" * (varlink.MESSAGE_SIZE_MAX - 200)
         reply = c.call1(f"{UDB}.GetUserRecord", {"uid": 201000, "service": SERVICE, "pad": pad})
         assert reply["parameters"]["record"]["uid"] == 201000
     # ... beyond, the connection is dropped without waiting for the NUL.
     with Client() as c:
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             for _ in range(16):
-                c.sock.sendall(b" " * (userdb.MESSAGE_SIZE_MAX // 8))
+                c.sock.sendall(b" " * (varlink.MESSAGE_SIZE_MAX // 8))
         assert c.closed_by_server()
     world.server.wait_idle()
 
 
 def test_connections_per_uid(world, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(userdb, "CONNECTIONS_PER_UID_MAX", 5)
+    monkeypatch.setattr(varlink, "CONNECTIONS_PER_UID_MAX", 5)
     clients = [Client() for _ in range(5)]
     try:
         for c in clients:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from imagepool.errors import InvalidArgs
 from importd import verify
 from importd.context import Canceled, JobContext, TransferError
 from importd.verify import (
@@ -33,7 +34,6 @@ from importd.verify import (
     verify_cleartext,
     verify_signature,
 )
-from imagepool.errors import InvalidArgs
 
 pytestmark = pytest.mark.skipif(shutil.which("gpg") is None, reason="gpg not installed")
 

@@ -1,7 +1,8 @@
 """A private world for the services: a system-type bus, a pool, the daemons.
 
-Used by the test fixtures and by ``make run`` (``python -m tests.world run``).
-Everything started here is stopped by PID; everything mounted is unmounted.
+This is what ``make run`` runs (``python -m imagepool.dev run``); the tests
+and the benchmarks build their worlds from the same pieces.  Everything
+started here is stopped by PID; everything mounted is unmounted.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+# Where our packages are (a checkout, or site-packages): the services' PYTHONPATH.
+SOURCES = Path(__file__).resolve().parent.parent
 
 BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
  "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
@@ -40,7 +43,7 @@ BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Config
 """
 
 
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.02) -> None:
+def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.02) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
@@ -48,7 +51,7 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.02) -> No
         time.sleep(interval)
 
 
-def stop_process(proc: subprocess.Popen, timeout: float = 10) -> None:
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -65,7 +68,7 @@ class PrivateBus:
         self.directory = directory
         self.socket = directory / "system_bus_socket"
         self.address = f"unix:path={self.socket}"
-        self.proc: subprocess.Popen | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> PrivateBus:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -94,7 +97,7 @@ class Service:
         self.argv = argv
         self.env = env
         self.log = log
-        self.proc: subprocess.Popen | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 20, notify: bool = True, bus_name: str | None = None) -> Service:
         env = dict(self.env)
@@ -179,11 +182,10 @@ def service_argv(module: str, pool: Path) -> list[str]:
     return [sys.executable, "-m", module, "--pool", str(pool)]
 
 
-def run() -> int:
-    """``make run``: a private bus, a pool under ./.run, both services."""
-    state = REPO / ".run"
+def run(state: Path) -> int:
+    """``make run``: a private bus, a pool under STATE, both services."""
     pool = state / "pool"
-    state.mkdir(exist_ok=True)
+    state.mkdir(parents=True, exist_ok=True)
     bus = PrivateBus(state / "bus").start()
     mounted = False
     made_system_dir = False
@@ -200,7 +202,7 @@ def run() -> int:
         if not os.path.isdir("/run/systemd/system"):
             os.makedirs("/run/systemd/system")
             made_system_dir = True
-        env = dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=bus.address, PYTHONPATH=str(REPO))
+        env = dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=bus.address, PYTHONPATH=str(SOURCES))
         for module in ("machined", "importd"):
             services.append(Service(service_argv(module, pool), env).start())
         print(f"pool: {pool} ({kind})", flush=True)
@@ -225,7 +227,7 @@ def _block_signals() -> bool:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["run"]:
-        sys.exit(run())
-    print("usage: python -m tests.world run", file=sys.stderr)
+    if sys.argv[1:2] == ["run"] and len(sys.argv) <= 3:
+        sys.exit(run(Path(sys.argv[2] if len(sys.argv) == 3 else ".run").absolute()))
+    print("usage: python -m imagepool.dev run [STATE-DIRECTORY]", file=sys.stderr)
     sys.exit(2)

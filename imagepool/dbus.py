@@ -1,23 +1,27 @@
-"""D-Bus plumbing shared by the services: the one place where domain errors
-become D-Bus errors, and caller credentials for authorization."""
+"""D-Bus plumbing shared by the services' front ends: the one place where
+domain errors become D-Bus errors (by the names in ``imagepool.errors``), who
+the caller is, and objects served per caller (``machine/self``)."""
 
 from __future__ import annotations
 
 import asyncio
-import errno
 import functools
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+import operator
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any, Generic, TypeVar
 
 import sdbus
-from sdbus import DbusFailedError, DbusInterfaceCommonAsync, dbus_method_async
+from sdbus import DbusFailedError, DbusInterfaceCommonAsync, dbus_method_async, dbus_property_async
 from sdbus.dbus_exceptions import DbusUnknownObjectError
+from sdbus.dbus_proxy_async_interface_base import DbusExportHandle
 from sdbus.dbus_proxy_async_method import DbusMethodAsync
 from sdbus.dbus_proxy_async_property import DbusPropertyAsync
 from sdbus.sd_bus_internals import DBUS_ERROR_TO_EXCEPTION, SdBusInterface, SdBusMessage
 
-from imagepool.errors import AccessDenied, Errno, PoolError, errno_dbus_name
+from imagepool import authz
+from imagepool.authz import Caller
+from imagepool.errors import AccessDenied, PoolError, dbus_name, errno_dbus_name
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +51,64 @@ def dbus_error(name: str) -> type[DbusFailedError]:
 def to_dbus_error(exc: BaseException) -> DbusFailedError:
     """Map an exception to the D-Bus error a client should see."""
     if isinstance(exc, PoolError):
-        return dbus_error(exc.dbus_name)(exc.message)
+        return dbus_error(dbus_name(exc))(exc.message)
     if isinstance(exc, OSError) and exc.errno:
         return dbus_error(errno_dbus_name(exc.errno))(exc.strerror or "")
     log.error("Unexpected error", exc_info=exc)
     return dbus_error("org.freedesktop.DBus.Error.Failed")("Internal error")
+
+
+def method(input_signature: str, result_signature: str, name: str, input_names: list[str] | None = None,
+           result_names: list[str] | None = None, flags: int = UNPRIVILEGED) -> Callable[[F], F]:
+    """A D-Bus method (unprivileged unless FLAGS say otherwise, as systemd's
+    are) whose domain errors leave as D-Bus errors."""
+
+    def decorate(func: F) -> F:
+        exported: F = dbus_method_async(input_signature, result_signature, flags=flags, method_name=name,
+                                        input_args_names=input_names, result_args_names=result_names)(translated(func))
+        return exported
+
+    return decorate
+
+
+def properties(target: str, table: Iterable[tuple[str, str, str, int]]) -> dict[str, Any]:
+    """D-Bus properties from a TABLE of (name, signature, attribute, flags):
+    each reads the attribute of ``self.TARGET``.  For a class body:
+    ``locals().update(properties(...))``."""
+    out: dict[str, Any] = {}
+    for name, signature, attr, flags in table:
+        getter: Callable[[Any], Any] = operator.attrgetter(f"{target}.{attr}")
+
+        def get(self: Any, getter: Callable[[Any], Any] = getter) -> Any:
+            return getter(self)
+
+        out[f"_property_{name}"] = dbus_property_async(signature, flags=flags, property_name=name)(get)
+    return out
+
+
+K = TypeVar("K")
+Obj = TypeVar("Obj", bound=DbusInterfaceCommonAsync)
+
+
+class Exported(Generic[K, Obj]):
+    """Objects of one kind exported on the bus, by key (a name, an id), each
+    at PATH(key)."""
+
+    def __init__(self, path: Callable[[K], str]) -> None:
+        self.path = path
+        self.objects: dict[K, Obj] = {}
+        self._handles: dict[K, DbusExportHandle] = {}
+
+    def export(self, key: K, obj: Obj) -> None:
+        self.unexport(key)
+        self._handles[key] = obj.export_to_dbus(self.path(key))
+        self.objects[key] = obj
+
+    def unexport(self, key: K) -> None:
+        self.objects.pop(key, None)
+        handle = self._handles.pop(key, None)
+        if handle is not None:
+            handle.stop()
 
 
 def translated(func: F) -> F:
@@ -89,12 +146,17 @@ def _daemon() -> _DBusDaemon:
     return _daemon_proxy
 
 
-async def caller_uid() -> int:
-    """The UID of the peer whose method call is being handled."""
+async def caller() -> Caller:
+    """The peer whose method call is being handled."""
     sender = sdbus.get_current_message().sender
     if sender is None:
         raise AccessDenied("Access denied")
-    return await _daemon().get_connection_unix_user(sender)
+    return Caller(uid=await _daemon().get_connection_unix_user(sender), bus_name=sender)
+
+
+def current_method() -> str:
+    """The name of the method being handled (its member name)."""
+    return sdbus.get_current_message().member or ""
 
 
 async def caller_pid() -> int:
@@ -126,7 +188,8 @@ def peer_pid_blocking(name: str) -> int:
         "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus", "GetConnectionUnixProcessID")
     message.append_data("s", name)
     try:
-        pid = int(_blocking_bus.call(message).get_contents())
+        contents = _blocking_bus.call(message).get_contents()
+        pid = int(contents if isinstance(contents, int) else contents[0])  # type: ignore[arg-type]
     except DbusFailedError:
         return 0
     if len(_peer_pids) >= _PEER_PIDS_MAX:
@@ -146,12 +209,12 @@ def export_per_caller(path: str, interface_name: str, cls: type[DbusInterfaceCom
     UnknownObject error. Keep the returned interface: dropping it unexports PATH."""
     bus = sdbus.get_default_bus()
     loop = asyncio.get_running_loop()
-    tasks: set[asyncio.Task] = set()
+    tasks: set[asyncio.Task[None]] = set()
 
     def unknown() -> DbusUnknownObjectError:
         return DbusUnknownObjectError(f"Unknown object '{path}'.")
 
-    def property_getter(prop: DbusPropertyAsync) -> Callable[[SdBusMessage], None]:
+    def property_getter(prop: DbusPropertyAsync[Any]) -> Callable[[SdBusMessage], None]:
         def get(reply: SdBusMessage) -> None:
             target = find(peer_pid_blocking(reply.destination or ""))
             if target is None:
@@ -182,7 +245,7 @@ def export_per_caller(path: str, interface_name: str, cls: type[DbusInterfaceCom
         return call
 
     interface = SdBusInterface()
-    members = {}
+    members: dict[str, Any] = {}
     for klass in reversed(cls.__mro__):
         members.update(vars(klass))
     for attr, member in members.items():
@@ -208,12 +271,17 @@ def export_per_caller(path: str, interface_name: str, cls: type[DbusInterfaceCom
     return interface
 
 
-async def require_root(method: str | None = None) -> None:
-    """Privileged operations: only root, until polkit is wired up; refused
-    as polkit's check refuses them ("Permission denied").  METHOD names a
-    method that systemd leaves to sd-bus to keep from unprivileged callers
-    (no SD_BUS_VTABLE_UNPRIVILEGED), whose refusal reads differently."""
-    if await caller_uid() != 0:
-        if method:
-            raise AccessDenied(f"Access to {method}() not permitted.")
-        raise Errno(errno.EACCES)
+async def authorize(action: str, details: Mapping[str, str] | None = None) -> Caller:
+    """Ask imagepool.authz whether the caller of the method being handled
+    may do ACTION; returns the caller."""
+    who = await caller()
+    await authz.authorize(who, action, details)
+    return who
+
+
+def require_privileged(who: Caller, method: str) -> None:
+    """What sd-bus itself answers a caller that lacks CAP_SYS_ADMIN for a
+    method without SD_BUS_VTABLE_UNPRIVILEGED (METHOD: interface.member):
+    systemd leaves a few methods to this check instead of polkit's."""
+    if who.uid != 0:
+        raise AccessDenied(f"Access to {method}() not permitted.")

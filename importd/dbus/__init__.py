@@ -1,0 +1,1 @@
+"""importd's D-Bus front end: the Manager and Transfer objects."""

@@ -1,0 +1,198 @@
+"""The download of a pull's image, streamed into the unpacker as it comes:
+a tar child for tarballs, the sparse raw writer (and the qcow2 converter)
+for raw images."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from imagepool import fsutil, tree
+from imagepool.image import Pool
+from importd import compress, qcow2, sparse, verify
+from importd.context import Canceled, JobContext, TransferError
+from importd.http import Download, Http, HttpError
+from importd.local import convert_qcow2_in_place, size_limit, unpack_tar, write_image
+from importd.progress import format_bytes
+from importd.pull.common import PullRequest, cache_base, cached_etags
+
+
+@dataclass
+class Cache:
+    """Where the downloaded image is: a temporary or the existing cache entry."""
+
+    path: str
+    final: str
+    temporary: bool
+
+    def remove(self) -> None:
+        if self.temporary:
+            tree.remove_path(self.path)
+
+
+
+def download(ctx: JobContext, http: Http, req: PullRequest, pool: Pool,
+              progress: Callable[[float], None]) -> tuple[Cache, Download]:
+    etags = cached_etags(pool, req.kind, req.url)
+    limit = size_limit(pool, req.max_size)
+    if req.kind == "tar":
+        tmp = os.path.join(pool.path, f".#tar{os.urandom(8).hex()}")
+    else:
+        tmp = os.path.join(pool.path, f".#raw{os.urandom(8).hex()}")
+    try:
+        info = _stream_into(ctx, http, req, tmp, etags, limit, progress)
+    except BaseException as e:
+        tree.remove_path(tmp)
+        tree.remove_path(tmp + ".qcow2")
+        if isinstance(e, HttpError):
+            ctx.log(str(e))
+            raise TransferError("Failed to retrieve image file.") from None
+        raise
+    if info.not_modified:
+        tree.remove_path(tmp)
+        ctx.log(f"Image already downloaded. Skipping download. ({info.etag})")
+        ctx.log(f"Download of {req.url} complete.")
+        base = cache_base(pool, req.kind, req.url, info.etag)
+        path = base + (".raw" if req.kind == "raw" else "")
+        if not os.path.lexists(path):
+            raise TransferError(f"Cached image {path} vanished.")
+        return Cache(path, path, False), info
+    ctx.log(f"Download of {req.url} complete.")
+    base = cache_base(pool, req.kind, req.url, info.etag)
+    return Cache(tmp, base + (".raw" if req.kind == "raw" else ""), True), info
+
+
+class _DirectRaw:
+    """Uncompressed raw data (or an uncompressed qcow2 file) needs no decoding:
+    the download thread writes it straight to the image file, skipping the
+    pipe and the hand-over to the other thread."""
+
+    def __init__(self, tmp: str, head: bytes, writeback: bool) -> None:
+        self.out = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        self.qcow = qcow2.is_qcow2(head[:4])
+        self.writer = sparse.SparseWriter(self.out, writeback=writeback)
+        self.offset = 0
+        # (a qcow2 file is cloned from or read once it is complete: written
+        # back early, it needs no flush then)
+        self.writeback = writeback
+        self.written_back = 0
+
+    def write(self, chunk: bytes) -> None:
+        if self.qcow:
+            view = memoryview(chunk)
+            while view:
+                n = os.pwrite(self.out, view, self.offset)
+                self.offset += n
+                view = view[n:]
+            if self.writeback and self.offset - self.written_back >= sparse.WRITEBACK_EVERY:
+                with contextlib.suppress(OSError):
+                    fsutil.start_writeback(self.out, self.written_back, self.offset - self.written_back)
+                self.written_back = self.offset
+        else:
+            self.writer.write(chunk)
+
+    def finish(self, ctx: JobContext, tmp: str, limit: int) -> int:
+        try:
+            if not self.qcow:
+                return self.writer.finish()
+            return convert_qcow2_in_place(ctx, self.out, tmp, limit)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.out >= 0:
+            os.close(self.out)
+            self.out = -1
+
+
+def _stream_into(ctx: JobContext, http: Http, req: PullRequest, tmp: str, etags: list[str], limit: int,
+                 progress: Callable[[float], None]) -> Download:
+    """Download in a helper thread; data that needs decoding goes through a
+    pipe to this thread, which unpacks it, so both overlap."""
+    read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(write_fd, 1031, 1 << 20)  # F_SETPIPE_SZ
+    started = threading.Event()
+    result: dict[str, object] = {}
+    direct: list[_DirectRaw] = []
+    mode: list[str] = []
+
+    def sink(chunk: bytes) -> None:
+        if not mode:
+            head = bytes(chunk[:6])
+            if req.kind == "raw" and len(head) == 6 and compress.detect(head) == compress.Compression.NONE:
+                direct.append(_DirectRaw(tmp, head, req.sync))
+                mode.append("direct")
+            else:
+                mode.append("pipe")
+            started.set()
+        if direct:
+            direct[0].write(chunk)
+            return
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(write_fd, view):]
+
+    def downloader() -> None:
+        try:
+            # Hashing costs ~1 CPU-second per GB: only when it will be checked.
+            result["info"] = http.stream(req.url, sink, etags=etags, max_size=limit, progress=progress,
+                                         hash=req.verify != verify.VerifyMode.NO)
+        except BaseException as e:  # handed over to the unpacking side
+            result["error"] = e
+        finally:
+            os.close(write_fd)
+            started.set()
+
+    thread = threading.Thread(target=downloader, name="download", daemon=True)
+    thread.start()
+    try:
+        while not started.wait(0.25):
+            ctx.check()
+        got = result.get("info")
+        downloaded = "error" not in result and not (isinstance(got, Download) and got.not_modified)
+        if direct:
+            while thread.is_alive():
+                thread.join(0.25)
+                ctx.check()
+            if "error" not in result:
+                ctx.log(f"Acquired {format_bytes(direct[0].finish(ctx, tmp, limit))}.")
+        elif downloaded:
+            acquired = _unpack(ctx, req, read_fd, tmp, limit)
+            if "error" not in result:
+                ctx.log(f"Acquired {format_bytes(acquired)}.")
+    except BaseException:
+        http._interrupt()
+        os.close(read_fd)
+        read_fd = -1
+        thread.join()
+        error = result.get("error")
+        if isinstance(error, (HttpError, TransferError, Canceled)):
+            raise error from None
+        raise
+    finally:
+        if read_fd >= 0:
+            os.close(read_fd)
+        thread.join()
+        if direct:
+            direct[0].close()
+    error = result.get("error")
+    if isinstance(error, BaseException):
+        raise error
+    info = result["info"]
+    assert isinstance(info, Download)
+    return info
+
+
+def _unpack(ctx: JobContext, req: PullRequest, read_fd: int, tmp: str, limit: int) -> int:
+    """Consume the downloaded stream: returns the size of the unpacked data.
+    Progress comes from the download, not from here."""
+    quiet = ctx.derive(lambda f: None)
+    if req.kind == "tar":
+        tree.make_tree_dir(tmp)
+        return unpack_tar(quiet, read_fd, tmp, limit)
+    return write_image(quiet, read_fd, tmp, limit, writeback=req.sync)

@@ -1,0 +1,1 @@
+"""machined's D-Bus front end: the Manager, Machine and Image objects."""
