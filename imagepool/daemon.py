@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 
 import sdbus
 
+from imagepool import temporaries, tree
 from imagepool.image import DEFAULT_POOL
 
 log = logging.getLogger("imagepool")
@@ -93,6 +94,14 @@ def open_system_bus() -> sdbus.SdBus:
 
 async def request_name(bus: sdbus.SdBus, name: str) -> None:
     await bus.request_name_async(name, 0)
+
+
+def clean_up_after_crashes(service: str, directories: list[str]) -> asyncio.Task[list[str]]:
+    """Register this service's temporaries from now on, and remove, in the
+    background, those in DIRECTORIES that no live service is making: what a
+    killed predecessor left behind (imagepool.temporaries)."""
+    temporaries.start_registry(service)
+    return asyncio.get_running_loop().create_task(asyncio.to_thread(tree.clean_temporaries, directories))
 
 
 def run(main: Callable[[asyncio.Event], Awaitable[None]]) -> int:

@@ -10,19 +10,51 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import secrets
 
-from imagepool import btrfs, fsutil, spawn
+from imagepool import btrfs, fsutil, spawn, temporaries
 from imagepool.errors import PoolError
 from imagepool.syscalls import rename_exchange, rename_noreplace
 
-TEMP_PREFIX = ".#"
+log = logging.getLogger(__name__)
+
+TEMP_PREFIX = temporaries.TEMP_PREFIX
 
 
 def temp_name(directory: str, name: str) -> str:
-    """A hidden temporary path next to the final one (".#<name><16 hex>")."""
-    return os.path.join(directory, f"{TEMP_PREFIX}{name}{secrets.token_hex(8)}")
+    """A hidden temporary path next to the final one (".#<name><16 hex>"),
+    registered as this service's (see imagepool.temporaries)."""
+    path = os.path.join(directory, f"{TEMP_PREFIX}{name}{secrets.token_hex(8)}")
+    temporaries.register(path)
+    return path
+
+
+def clean_temporaries(directories: list[str]) -> list[str]:
+    """Remove the temporaries in DIRECTORIES that no live process is making
+    (a crash left them); returns their paths."""
+    live = temporaries.live_paths()
+    removed = []
+    for directory in directories:
+        try:
+            entries = os.listdir(directory)
+        except OSError:
+            continue
+        for entry in entries:
+            path = os.path.join(directory, entry)
+            if not entry.startswith(TEMP_PREFIX) or temporaries.in_use(path, live):
+                continue
+            if entry.endswith(".lck") and temporaries.held_lock_file(path):
+                continue
+            try:
+                remove_path(path)
+            except Exception as e:  # noqa: BLE001 - one that won't go must not stop the rest
+                log.warning("Failed to remove left-over temporary %s: %s", path, e)
+                continue
+            log.info("Removed left-over temporary %s.", path)
+            removed.append(path)
+    return removed
 
 
 def _last_words(result: spawn.Completed, default: str) -> str:

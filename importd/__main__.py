@@ -22,6 +22,7 @@ BUS_NAME = "org.freedesktop.import1"
 async def serve(pool_path: str, options: Options, stop: asyncio.Event) -> None:
     bus = daemon.open_system_bus()
     manager = ImportManager(Pool(pool_path), options)
+    cleanup = daemon.clean_up_after_crashes("importd", manager.pool_directories())
     front = ImportManagerObject(manager)
     front.export_to_dbus(PATH)
     await daemon.request_name(bus, BUS_NAME)
@@ -31,6 +32,7 @@ async def serve(pool_path: str, options: Options, stop: asyncio.Event) -> None:
     daemon.sd_notify("STOPPING=1")
     # Cancel running transfers: each removes what it wrote.
     await manager.shutdown()
+    await cleanup
     bus.close()
 
 

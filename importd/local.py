@@ -223,9 +223,22 @@ def _find_for_export(pool: Pool, name: str) -> Image:
     return image
 
 
+def export_format(ctx: JobContext, fmt: str, out_fd: int, tar: bool) -> compress.Compression:
+    """The compression asked for; with none, the one the target file's name
+    says, as newer clients choose it (machinectl 252 sends no format for a
+    suffix it does not know, such as .zst)."""
+    if fmt:
+        return compress.parse_format(fmt)
+    path = fd_path(out_fd)
+    kind = compress.from_suffix(path, tar=tar)
+    if kind != compress.Compression.NONE:
+        ctx.log(f"No compression format given, using '{kind}' as the name of '{path}' says.")
+    return kind
+
+
 def export_tar(ctx: JobContext, pool: Pool, name: str, out_fd: int, fmt: str) -> None:
     image = _find_for_export(pool, name)
-    kind = compress.parse_format(fmt)
+    kind = export_format(ctx, fmt, out_fd, tar=True)
     ctx.log(f"Exporting '{image.path}', saving to '{fd_path(out_fd)}' with compression '{kind}'.")
     if image.type not in (ImageType.DIRECTORY, ImageType.SUBVOLUME):
         raise TransferError("Failed to export image: Not a directory")
@@ -266,7 +279,7 @@ def _tree_size(path: str) -> int:
 
 def export_raw(ctx: JobContext, pool: Pool, name: str, out_fd: int, fmt: str) -> None:
     image = _find_for_export(pool, name)
-    kind = compress.parse_format(fmt)
+    kind = export_format(ctx, fmt, out_fd, tar=False)
     ctx.log(f"Exporting '{image.path}', saving to '{fd_path(out_fd)}' with compression '{kind}'.")
     if image.type != ImageType.RAW:
         raise TransferError("Failed to export image: Is a directory")

@@ -103,6 +103,10 @@ class ImportManager:
         self.options = options or Options()
         self.transfers = TransferManager()
 
+    def pool_directories(self) -> list[str]:
+        """The pool directories of all classes (where our temporaries are)."""
+        return [self.pool_for(c).path for c in CLASS_POOLS]
+
     def pool_for(self, image_class: str) -> Pool:
         path = CLASS_POOLS[image_class]
         return self.machine_pool if path is None else Pool(path, [path])

@@ -26,6 +26,7 @@ async def serve(pool_path: str, stop: asyncio.Event) -> None:
         ThreadPoolExecutor(max_workers=OPERATIONS_MAX + 16, thread_name_prefix="machined"))
     bus = daemon.open_system_bus()
     images = ImageManager(Pool(pool_path))
+    cleanup = daemon.clean_up_after_crashes("machined", [images.pool.path])
     os.makedirs("/run/systemd/machines", mode=0o755, exist_ok=True)
     machines = MachineManager()
     machines.start()
@@ -49,6 +50,7 @@ async def serve(pool_path: str, stop: asyncio.Event) -> None:
     if userdb:
         await userdb.stop()
     machines.close()
+    await cleanup
     bus.close()
 
 

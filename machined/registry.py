@@ -224,6 +224,11 @@ class MachineRegistry:
         except FileNotFoundError:
             return
         for entry in sorted(entries):
+            if entry.startswith(".#") or entry.endswith(".#new"):
+                # A state file or link being written when a crash came: only we write here.
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(self.state_dir, entry))
+                continue
             if entry.startswith(("unit:", ".")) or not hostname_is_valid(entry):
                 continue
             path = os.path.join(self.state_dir, entry)

@@ -40,9 +40,9 @@ def download(ctx: JobContext, http: Http, req: PullRequest, pool: Pool,
     etags = cached_etags(pool, req.kind, req.url)
     limit = size_limit(pool, req.max_size)
     if req.kind == "tar":
-        tmp = os.path.join(pool.path, f".#tar{os.urandom(8).hex()}")
+        tmp = tree.temp_name(pool.path, "tar")
     else:
-        tmp = os.path.join(pool.path, f".#raw{os.urandom(8).hex()}")
+        tmp = tree.temp_name(pool.path, "raw")
     try:
         info = _stream_into(ctx, http, req, tmp, etags, limit, progress)
     except BaseException as e:
