@@ -9,7 +9,8 @@ PYTHON ?= python3
 APT_PACKAGES := python3 python3-venv python3-pip dbus-daemon systemd-container btrfs-progs \
 	libbtrfsutil-dev systemd-userdbd libnss-mymachines qemu-utils gnupg xz-utils zstd \
 	busybox-static attr acl e2fsprogs fdisk util-linux coreutils tar mount gcc pkg-config \
-	bzip2 strace curl iproute2 procps bsdutils debootstrap rsync isal nginx-light
+	bzip2 strace curl iproute2 procps bsdutils debootstrap rsync isal nginx-light tmux \
+	docker-registry skopeo umoci openssl
 SID_PACKAGES := systemd,systemd-container,dbus,systemd-userdbd,btrfs-progs,xz-utils,zstd,gnupg,busybox-static,libarchive13t64,curl,ca-certificates
 ROOTS := $(CURDIR)/.cache/roots
 

@@ -48,6 +48,7 @@ if str(REPO) not in sys.path:
 from imagepool import dev as world  # noqa: E402
 
 POOL = Path("/var/lib/machines")
+IMAGE_PREFIX = Path("/run/systemd/bench-images")  # our services' other image classes (in the private /run/systemd)
 MB = 1_000_000
 MiB = 1 << 20
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")

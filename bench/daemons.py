@@ -49,6 +49,7 @@ import time
 from pathlib import Path
 
 from common import (
+    IMAGE_PREFIX,
     MB,
     POOL,
     REPO,
@@ -299,7 +300,7 @@ class Daemons:
 
     def argv(self, who: str) -> tuple[list[str], dict[str, str]]:
         if who == OURS:
-            return world.service_argv(self.spec["module"], POOL), self.env
+            return world.service_argv(self.spec["module"], POOL, IMAGE_PREFIX), self.env
         if who == REF252:
             return [self.spec["ref252"]], self.env
         assert self.sid is not None
@@ -405,7 +406,7 @@ def daemon_path(service: str, who: str, sid: SidRoot | None) -> str:
     """What runs as WHO's SERVICE, as text."""
     spec = SERVICES[service]
     if who == OURS:
-        return " ".join(world.service_argv(spec["module"], POOL))
+        return " ".join(world.service_argv(spec["module"], POOL, IMAGE_PREFIX))
     if who == REF252:
         return spec["ref252"]
     return f"chroot {sid.root if sid else '?'} {spec['ref262']}"

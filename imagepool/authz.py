@@ -8,11 +8,10 @@ when polkit does not allow it: EACCES, "Permission denied".
 
 from __future__ import annotations
 
-import errno
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from imagepool.errors import Errno
+from imagepool.errors import PermissionDenied
 
 MACHINE1 = "org.freedesktop.machine1"
 IMPORT1 = "org.freedesktop.import1"
@@ -33,4 +32,4 @@ async def authorize(caller: Caller, action: str, details: Mapping[str, str] | No
     """Allow CALLER to do ACTION (a polkit action id) or raise."""
     if caller.uid == 0:
         return
-    raise Errno(errno.EACCES)
+    raise PermissionDenied()

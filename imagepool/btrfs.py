@@ -45,12 +45,14 @@ _SUBVOL_INFO_SIZE = 504  # struct btrfs_ioctl_get_subvol_info_args
 _GET_SUBVOL_INFO = _ioc(_IOC_READ, 60, _SUBVOL_INFO_SIZE)
 
 _QUOTA_CTL_ENABLE = 1
+_QUOTA_CTL_ENABLE_SIMPLE = 4  # Linux 6.7: simple quotas (owner accounting, no backref walks)
 _QUOTA_TREE = 8
 _QGROUP_STATUS_KEY = 240
 _QGROUP_INFO_KEY = 242
 _QGROUP_LIMIT_KEY = 244
 _STATUS_FLAG_ON = 1 << 0
 _STATUS_FLAG_RESCAN = 1 << 1
+_STATUS_FLAG_SIMPLE_MODE = 1 << 3
 _LIMIT_MAX_RFER = 1 << 0
 _LIMIT_MAX_EXCL = 1 << 1
 _ROOT_SUBVOL_RDONLY = 1 << 0  # in the flags of a root item
@@ -64,7 +66,9 @@ _NR_ITEMS_OFFSET = 7 * 8 + 2 * 4
 # Of struct btrfs_ioctl_get_subvol_info_args: treeid; flags (after the name,
 # parent_id, dirid, generation); otime sec and nsec (after the uuids,
 # transids and ctime).
-_SUBVOL_INFO = struct.Struct("=Q280xQ96xQI")
+# btrfs_ioctl_get_subvol_info_args: treeid, (name, parent, dirid, generation),
+# flags, (uuids, transids), ctime and otime (struct btrfs_ioctl_timespec: 16 bytes).
+_SUBVOL_INFO = struct.Struct("=Q280xQ80xQI4xQI")
 _SUBVOL_INFO_ARGS = bytes(_SUBVOL_INFO_SIZE)  # fcntl.ioctl copies it
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -120,13 +124,15 @@ class SubvolumeInfo(NamedTuple):
     id: int
     read_only: bool
     otime: int  # creation, in µs since the epoch: the root item's, which systemd reports
+    ctime: int  # the root item's last change (every transaction that touched the subvolume): 262's mtime
 
 
 def subvolume_info_fd(fd: int) -> SubvolumeInfo:
     """The subvolume containing the inode of FD, from one ioctl (Linux 4.18)."""
     buf = fcntl.ioctl(fd, _GET_SUBVOL_INFO, _SUBVOL_INFO_ARGS)
-    treeid, flags, sec, nsec = _SUBVOL_INFO.unpack_from(buf)
-    return SubvolumeInfo(treeid, bool(flags & _ROOT_SUBVOL_RDONLY), sec * 1_000_000 + nsec // 1000)
+    treeid, flags, csec, cnsec, osec, onsec = _SUBVOL_INFO.unpack_from(buf)
+    return SubvolumeInfo(treeid, bool(flags & _ROOT_SUBVOL_RDONLY), osec * 1_000_000 + onsec // 1000,
+                         csec * 1_000_000 + cnsec // 1000)
 
 
 def is_subvolume(path: str) -> bool:
@@ -294,12 +300,25 @@ def quota_enabled(path: str) -> bool:
         return _quota_status(fd) is not None
 
 
-def quota_enable(path: str) -> None:
+def quota_mode(path: str) -> str:
+    """The quota accounting of the btrfs at PATH: "off", "full" (qgroups)
+    or "simple" (simple quotas)."""
+    with _open(path) as fd:
+        _require_btrfs(fd, path)
+        status = _quota_status(fd)
+    if status is None:
+        return "off"
+    return "simple" if status & _STATUS_FLAG_SIMPLE_MODE else "full"
+
+
+def quota_enable(path: str, simple: bool = False) -> None:
+    """Turn quota accounting on (full qgroups, or SIMPLE quotas), if off."""
     with _open(path) as fd:
         _require_btrfs(fd, path)
         if _quota_status(fd) is None:
-            # The kernel then starts a rescan of its own.
-            fcntl.ioctl(fd, _QUOTA_CTL, struct.pack("=2Q", _QUOTA_CTL_ENABLE, 0))
+            # Full qgroups: the kernel then starts a rescan of its own.
+            command = _QUOTA_CTL_ENABLE_SIMPLE if simple else _QUOTA_CTL_ENABLE
+            fcntl.ioctl(fd, _QUOTA_CTL, struct.pack("=2Q", command, 0))
 
 
 def quota_rescan_wait(path: str) -> None:
@@ -379,12 +398,12 @@ def qgroups(fd: int) -> dict[int, Qgroup] | None:
 
 
 def set_limit(path: str, referenced_max: int) -> None:
-    """Limit the referenced bytes of the subvolume containing PATH; UINT64_MAX lifts it."""
+    """Limit the referenced bytes of the subvolume containing PATH; UINT64_MAX
+    lifts it.  Quotas must be on (ENOTCONN otherwise, as from the kernel)."""
     with _open(path) as fd:
         _require_btrfs(fd, path)
         if _quota_status(fd) is None:
-            quota_enable(path)
-            fcntl.ioctl(fd, _QUOTA_RESCAN_WAIT)
+            raise OSError(errno.ENOTCONN, "Quotas are off", path)
         qgroupid = subvolume_id(path)
         try:
             _set_limits(fd, qgroupid, _LIMIT_MAX_RFER, referenced_max, 0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import os
 import signal
@@ -14,7 +15,7 @@ from collections.abc import Awaitable, Callable
 
 import sdbus
 
-from imagepool import temporaries, tree
+from imagepool import classes, temporaries, tree
 from imagepool.image import DEFAULT_POOL
 
 log = logging.getLogger("imagepool")
@@ -37,15 +38,65 @@ class _SyslogPrefixFormatter(logging.Formatter):
         return "\n".join(f"<{prio}>{line}" for line in text.splitlines() or [""])
 
 
+# syslog levels -> logging's (notice is logged as info)
+_LEVELS = {0: logging.CRITICAL, 1: logging.CRITICAL, 2: logging.CRITICAL, 3: logging.ERROR, 4: logging.WARNING,
+           5: logging.INFO, 6: logging.INFO, 7: logging.DEBUG}
+_log_level = 6
+
+
+def get_log_level() -> int:
+    """The most verbose syslog level logged (0-7)."""
+    return _log_level
+
+
+def set_log_level(level: int) -> None:
+    """Log syslog LEVEL (0-7) and what is more important, from now on."""
+    global _log_level
+    _log_level = level
+    logging.getLogger().setLevel(_LEVELS[level])
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if level >= 7 else logging.WARNING)
+
+
+@functools.cache
+def listen_fds() -> dict[str, int]:
+    """The sockets systemd passed (socket activation), by their names."""
+    try:
+        if int(os.environ.get("LISTEN_PID", "0")) != os.getpid():
+            return {}
+        count = int(os.environ.get("LISTEN_FDS", "0"))
+    except ValueError:
+        return {}
+    names = os.environ.get("LISTEN_FDNAMES", "").split(":")
+    fds = {}
+    for i in range(count):
+        fd = 3 + i
+        os.set_inheritable(fd, False)
+        fds[names[i] if i < len(names) and names[i] else f"fd{i}"] = fd
+    for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "LISTEN_PIDFDID"):
+        os.environ.pop(key, None)
+    return fds
+
+
 def setup_logging(debug: bool = False) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_SyslogPrefixFormatter("%(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(logging.DEBUG if debug else logging.INFO)
-    # One line per HTTP request is noise in a service log.
-    for noisy in ("httpx", "httpcore"):
-        logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.WARNING)
+    # One line per HTTP request is noise in a service log (unless debugging).
+    set_log_level(7 if debug else _env_log_level(os.environ.get("SYSTEMD_LOG_LEVEL", "")))
+
+
+_LEVEL_NAMES = ("emerg", "alert", "crit", "err", "warning", "notice", "info", "debug")
+
+
+def _env_log_level(value: str) -> int:
+    """$SYSTEMD_LOG_LEVEL as systemd's daemons read it: a name or 0-7;
+    info when unset or not understood."""
+    value = value.strip().lower()
+    if value in _LEVEL_NAMES:
+        return _LEVEL_NAMES.index(value)
+    return int(value) if value.isdigit() and int(value) <= 7 else 6
 
 
 def sd_notify(message: str) -> bool:
@@ -67,13 +118,30 @@ def sd_notify(message: str) -> bool:
 
 def make_parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog)
-    parser.add_argument("--pool", default=DEFAULT_POOL, help="image pool directory (default: %(default)s)")
+    parser.add_argument("--pool", default=None,
+                        help=f"the machine image pool (default: {DEFAULT_POOL}, below --image-prefix if given)")
+    parser.add_argument("--image-prefix", default="", metavar="DIR",
+                        help="look for and keep the images of every class (machine, portable, sysext, confext) "
+                             "below DIR instead of in systemd's directories, e.g. DIR/var/lib/extensions")
+    parser.add_argument("--quota", choices=("keep", "simple"), default="keep",
+                        help="btrfs quotas of the pools: keep them as they are (limits need quotas turned on "
+                             "already), or turn on simple quotas (Linux 6.7) at start and when a limit is set; "
+                             "full qgroups are never turned on (default: %(default)s)")
     parser.add_argument("--debug", action="store_true", help="log debug messages")
     return parser
 
 
 def parse_args(prog: str, argv: list[str] | None) -> argparse.Namespace:
     return make_parser(prog).parse_args(argv)
+
+
+def image_roots(args: argparse.Namespace) -> classes.Roots:
+    """Where the images of each class are, from --image-prefix and --pool."""
+    try:
+        return classes.Roots(os.path.abspath(args.image_prefix) if args.image_prefix else "", args.pool,
+                             args.quota)
+    except ValueError as e:
+        raise SystemExit(f"{e}") from None
 
 
 def parse_size(text: str) -> int:

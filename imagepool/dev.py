@@ -178,8 +178,10 @@ def umount(mountpoint: Path) -> None:
     subprocess.run(["umount", str(mountpoint)], check=True)
 
 
-def service_argv(module: str, pool: Path) -> list[str]:
-    return [sys.executable, "-m", module, "--pool", str(pool)]
+def service_argv(module: str, pool: Path, prefix: Path) -> list[str]:
+    """One of our services, with its machine pool at POOL and the images of
+    every class kept below PREFIX (nothing of the host's is touched)."""
+    return [sys.executable, "-m", module, "--pool", str(pool), "--image-prefix", str(prefix)]
 
 
 def run(state: Path) -> int:
@@ -204,8 +206,9 @@ def run(state: Path) -> int:
             made_system_dir = True
         env = dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=bus.address, PYTHONPATH=str(SOURCES))
         for module in ("machined", "importd"):
-            services.append(Service(service_argv(module, pool), env).start())
+            services.append(Service(service_argv(module, pool, state / "roots"), env).start())
         print(f"pool: {pool} ({kind})", flush=True)
+        print(f"images of the other classes: below {state / 'roots'}", flush=True)
         print(f"export DBUS_SYSTEM_BUS_ADDRESS={bus.address}", flush=True)
         signal.sigwait({signal.SIGINT, signal.SIGTERM}) if _block_signals() else None
         return 0

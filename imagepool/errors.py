@@ -38,6 +38,15 @@ class NotSupported(PoolError):
     pass
 
 
+class QuotaOff(NotSupported):
+    """A limit was asked for where quotas are off (and may not be turned on)."""
+
+
+class InvalidForMachine(NotSupported):
+    """An operation this kind of machine does not have, where systemd's
+    D-Bus side calls it an invalid argument (and Varlink NotSupported)."""
+
+
 class AccessDenied(PoolError):
     pass
 
@@ -47,7 +56,12 @@ class LimitsExceeded(PoolError):
 
 
 class MetadataError(PoolError):
-    """Metadata of an image could not be read (a raw image that won't mount)."""
+    """Metadata of an image could not be read (a raw image that won't mount):
+    named by its ERRNO, as systemd 262 does (ENOPKG: nothing to mount)."""
+
+    def __init__(self, message: str, code: int = errno.EIO) -> None:
+        super().__init__(message)
+        self.errno = code
 
 
 class Errno(PoolError):
@@ -56,6 +70,14 @@ class Errno(PoolError):
     def __init__(self, code: int, message: str | None = None) -> None:
         super().__init__(message or os.strerror(code))
         self.errno = code
+
+
+class PermissionDenied(Errno):
+    """Authorization refused: EACCES ("Permission denied") as systemd's
+    polkit check answers it on D-Bus; PermissionDenied over Varlink."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(errno.EACCES, message)
 
 
 class RemoteError(PoolError):
@@ -102,6 +124,29 @@ class NoSuchGroupMapping(PoolError):
     pass
 
 
+class UserInHostRange(NoSuchUserMapping):
+    pass
+
+
+class GroupInHostRange(NoSuchGroupMapping):
+    pass
+
+
+class NoOSRelease(PoolError):
+    """A machine without os-release (D-Bus: Failed, as systemd)."""
+
+
+class NoUIDShift(NotSupported):
+    """A machine whose UID/GID mapping is too complex for a shift."""
+
+
+class NoIPC(Errno):
+    """A machine without a bus to start a unit through."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.ENOENT, message)
+
+
 class JobFailed(PoolError):
     """A job systemd ran for us (a machine's scope) did not end in "done"."""
 
@@ -110,7 +155,9 @@ class JobFailed(PoolError):
 
 
 class TransferInProgress(PoolError):
-    pass
+    def __init__(self, message: str, remote: str = "") -> None:
+        super().__init__(message)
+        self.remote = remote
 
 
 class NoSuchTransfer(PoolError):
@@ -145,8 +192,9 @@ NAMES: dict[type[PoolError], Names] = {
     PoolError: Names(_FAILED),
     InvalidArgs: Names("org.freedesktop.DBus.Error.InvalidArgs", "org.varlink.service.InvalidParameter"),
     NotSupported: Names("org.freedesktop.DBus.Error.NotSupported", ".NotSupported"),
+    InvalidForMachine: Names("org.freedesktop.DBus.Error.InvalidArgs", ".NotSupported"),
     AccessDenied: Names("org.freedesktop.DBus.Error.AccessDenied", "org.varlink.service.PermissionDenied"),
-    LimitsExceeded: Names("org.freedesktop.DBus.Error.LimitsExceeded", ".TooManyOperations"),
+    LimitsExceeded: Names("org.freedesktop.DBus.Error.LimitsExceeded", "io.systemd.MachineImage.TooManyOperations"),
     NoSuchImage: Names("org.freedesktop.machine1.NoSuchImage", "io.systemd.MachineImage.NoSuchImage"),
     NoSuchMachine: Names("org.freedesktop.machine1.NoSuchMachine", "io.systemd.Machine.NoSuchMachine"),
     MachineExists: Names("org.freedesktop.machine1.MachineExists", "io.systemd.Machine.MachineExists"),
@@ -155,6 +203,12 @@ NAMES: dict[type[PoolError], Names] = {
                                "io.systemd.Machine.NoPrivateNetworking"),
     NoSuchUserMapping: Names("org.freedesktop.machine1.NoSuchUserMapping", "io.systemd.Machine.NoSuchUser"),
     NoSuchGroupMapping: Names("org.freedesktop.machine1.NoSuchGroupMapping", "io.systemd.Machine.NoSuchGroup"),
+    UserInHostRange: Names("org.freedesktop.machine1.NoSuchUserMapping", "io.systemd.Machine.UserInHostRange"),
+    GroupInHostRange: Names("org.freedesktop.machine1.NoSuchGroupMapping", "io.systemd.Machine.GroupInHostRange"),
+    NoOSRelease: Names(_FAILED, "io.systemd.Machine.NoOSReleaseInformation"),
+    NoUIDShift: Names("org.freedesktop.DBus.Error.NotSupported", "io.systemd.Machine.NoUIDShift"),
+    NoIPC: Names("org.freedesktop.DBus.Error.FileNotFound", "io.systemd.Machine.NoIPC"),
+    PermissionDenied: Names("org.freedesktop.DBus.Error.AccessDenied", "org.varlink.service.PermissionDenied"),
     JobFailed: Names("org.freedesktop.systemd1.JobFailed"),
     TransferInProgress: Names("org.freedesktop.import1.TransferInProgress", "io.systemd.Import.AlreadyInProgress"),
     NoSuchTransfer: Names("org.freedesktop.import1.NoSuchTransfer"),
@@ -194,6 +248,7 @@ def errno_dbus_name(code: int) -> str:
 
 
 def _names(exc: PoolError) -> Names:
+    """The names of EXC's class, or of the nearest base class in the table."""
     for cls in type(exc).__mro__:
         names = NAMES.get(cls)
         if names is not None:
@@ -203,7 +258,7 @@ def _names(exc: PoolError) -> Names:
 
 def dbus_name(exc: PoolError) -> str:
     """The D-Bus error name of a domain error."""
-    if isinstance(exc, Errno):
+    if isinstance(exc, (Errno, MetadataError)):
         return errno_dbus_name(exc.errno)
     if isinstance(exc, RemoteError):
         return exc.name
@@ -216,9 +271,10 @@ VARLINK_ERRNO = "io.systemd.System"
 def varlink_name(exc: PoolError, interface: str) -> str:
     """The Varlink error name of a domain error, served on INTERFACE;
     io.systemd.System (with the errno as parameter) where there is none."""
-    if isinstance(exc, Errno):
+    names = _names(exc)
+    if isinstance(exc, Errno) and type(exc) not in NAMES:
         return VARLINK_ERRNO
-    name = _names(exc).varlink
+    name = names.varlink
     if name is None:
         return VARLINK_ERRNO
     return interface + name if name.startswith(".") else name

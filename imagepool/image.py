@@ -13,7 +13,7 @@ import os
 import stat
 from dataclasses import dataclass, field
 
-from imagepool import btrfs, fsutil
+from imagepool import btrfs, fsutil, mstack
 from imagepool.names import image_name_is_valid
 
 UINT64_MAX = 2**64 - 1
@@ -25,6 +25,7 @@ class ImageType(enum.StrEnum):
     SUBVOLUME = "subvolume"
     RAW = "raw"
     BLOCK = "block"
+    MSTACK = "mstack"  # systemd 262's mount stack, NAME.mstack/ (imagepool.mstack)
 
 
 @dataclass
@@ -49,10 +50,12 @@ class Image:
     def is_host(self) -> bool:
         return self.name == ".host"
 
+    in_vendor_directory: bool = False  # found where the search path has vendor images (Pool)
+
     @property
     def vendor(self) -> bool:
         """Images shipped below /usr can't be changed."""
-        return self.path == "/usr" or self.path.startswith("/usr/")
+        return self.in_vendor_directory or self.path == "/usr" or self.path.startswith("/usr/")
 
     @property
     def immutable(self) -> bool:
@@ -124,11 +127,14 @@ class _Scan:
         if mount is None:
             return None
         file = file or path
-        if not _statx_only(st, mount):
-            return self._make(name, path, st, mount, dir_fd, file)
-        image = self._unchanged(path, st) or self._make(name, path, st, mount, dir_fd, file)
-        if image is not None:
-            self.made[path] = (st, image)
+        if not _statx_only(st, mount) or path.endswith(mstack.SUFFIX):
+            image = self._make(name, path, st, mount, dir_fd, file)
+        else:
+            image = self._unchanged(path, st) or self._make(name, path, st, mount, dir_fd, file)
+            if image is not None:
+                self.made[path] = (st, image)
+        if image is not None and image.hidden:
+            image.read_only = True  # as systemd 262 says of every hidden image
         return image
 
     def _unchanged(self, path: str, facts: object) -> Image | None:
@@ -155,6 +161,11 @@ class _Scan:
 
     def _directory(self, name: str, path: str, st: fsutil.Statx, mount: _Mount, dir_fd: int,
                    file: str) -> Image:
+        if path.endswith(mstack.SUFFIX):
+            flag = st.immutable if st.immutable is not None else fsutil.get_immutable(file, dir_fd, follow=True)
+            return Image(name, path, ImageType.MSTACK, crtime=st.btime_usec,
+                         read_only=flag or _refuses_writes(path, mount.erofs_possible, dir_fd, file)
+                         or mstack.read_only(path))
         if st.ino == _SUBVOLUME_ROOT_INO and mount.btrfs:
             image = self._subvolume(name, path, mount, dir_fd, file)
             if image is not None:
@@ -187,7 +198,7 @@ class _Scan:
             image = Image(
                 name, path, ImageType.SUBVOLUME,
                 read_only=facts[2],
-                crtime=info.otime,
+                crtime=info.otime, mtime=info.ctime,
                 usage=q.referenced, usage_exclusive=q.exclusive,
                 limit=q.max_referenced, limit_exclusive=q.max_exclusive,
             )
@@ -247,32 +258,45 @@ def make_image(name: str, path: str) -> Image | None:
 
 
 def host_image() -> Image:
-    return Image(".host", "/", ImageType.DIRECTORY)
+    """The host's root, as systemd 262 reports it: what "/" is (a directory
+    or a subvolume, with its times), always read-only."""
+    image = make_image(".host", "/") or Image(".host", "/", ImageType.DIRECTORY)
+    image.read_only = True
+    return image
 
 
 class Pool:
-    """The search path of machine images, with the pool directory in it."""
+    """The search path of one class of images, with the pool directory (where
+    new images go) in it; imagepool.classes knows the real ones.  Images in
+    VENDOR_PATHS (systemd's below /usr) can't be changed."""
 
-    def __init__(self, pool_path: str = DEFAULT_POOL, search_paths: list[str] | None = None) -> None:
+    def __init__(self, pool_path: str = DEFAULT_POOL, search_paths: list[str] | None = None,
+                 vendor_paths: list[str] | None = None, host: bool = True, quota: str = "keep") -> None:
         self.path = os.path.abspath(pool_path)
-        if search_paths is None:
-            search_paths = [
-                "/etc/machines",
-                "/run/machines",
-                self.path,
-                "/var/lib/container",
-                "/usr/local/lib/machines",
-                "/usr/lib/machines",
-            ]
+        # btrfs quotas: "keep" (never turned on here) or "simple" (simple quotas
+        # turned on when a limit is set, or the service starts).
+        self.quota = quota
+        self.host = host  # .host is one of the images (machines only)
+        search_paths = list(search_paths or [])
         # The pool is always searched, whatever the list says.
         if self.path not in search_paths:
             search_paths = [self.path, *search_paths]
         self.search_paths = search_paths
+        self.vendor_paths = frozenset(vendor_paths or ())
         self._made: _Made = {}  # by the last discover(), see _Scan
+
+    def _vendor(self, image: Image | None) -> Image | None:
+        if image is not None and self.vendor_paths and os.path.dirname(image.path) in self.vendor_paths:
+            image.in_vendor_directory = True
+            image.read_only = True
+        return image
 
     def find(self, name: str) -> Image | None:
         if name == ".host":
-            return host_image()
+            return host_image() if self.host else None
+        return self._vendor(self._find(name))
+
+    def _find(self, name: str) -> Image | None:
         if not image_name_is_valid(name):
             return None
         scan = _Scan()
@@ -287,6 +311,11 @@ class Pool:
             st = _statx(raw)
             if st is not None and stat.S_ISREG(st.mode):
                 image = scan.make(name, raw, st)
+                if image:
+                    return image
+            st = _statx(candidate + mstack.SUFFIX)
+            if st is not None and stat.S_ISDIR(st.mode):
+                image = scan.make(name, candidate + mstack.SUFFIX, st)
                 if image:
                     return image
         return None
@@ -307,7 +336,11 @@ class Pool:
             finally:
                 os.close(dir_fd)
         self._made = scan.made
-        images.setdefault(".host", host_image())
+        if self.vendor_paths:
+            for image in images.values():
+                self._vendor(image)
+        if self.host:
+            images.setdefault(".host", host_image())
         return images
 
 
@@ -343,6 +376,8 @@ def _discover_in(scan: _Scan, directory: str, dir_fd: int, images: dict[str, Ima
 
 
 def _image_name_of(file: str, mode: int) -> str | None:
+    if stat.S_ISDIR(mode) and file.endswith(mstack.SUFFIX) and len(file) > len(mstack.SUFFIX):
+        return file[: -len(mstack.SUFFIX)]
     if stat.S_ISDIR(mode) or stat.S_ISBLK(mode):
         return file
     if stat.S_ISREG(mode) and file.endswith(".raw") and len(file) > 4:
@@ -351,5 +386,5 @@ def _image_name_of(file: str, mode: int) -> str | None:
 
 
 def pool_target(pool: Pool, name: str, image_type: ImageType) -> str:
-    suffix = ".raw" if image_type == ImageType.RAW else ""
+    suffix = {ImageType.RAW: ".raw", ImageType.MSTACK: mstack.SUFFIX}.get(image_type, "")
     return os.path.join(pool.path, name + suffix)

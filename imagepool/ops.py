@@ -14,8 +14,8 @@ import logging
 import os
 import shutil
 
-from imagepool import btrfs, fsutil
-from imagepool.errors import Errno, InvalidArgs, NotSupported, PoolError
+from imagepool import btrfs, fsutil, mstack
+from imagepool.errors import Errno, InvalidArgs, NotSupported, PoolError, QuotaOff
 from imagepool.image import UINT64_MAX, Image, ImageType, Pool, pool_target
 from imagepool.locks import image_name_lock, image_path_lock
 from imagepool.names import image_name_is_valid
@@ -42,6 +42,8 @@ def sidecar_paths(image: Image, name: str | None = None) -> list[str]:
 
 def _companions(image: Image, new_name: str | None = None) -> list[tuple[str, str | None]]:
     old = settings_paths(image) + sidecar_paths(image)
+    if image.type == ImageType.MSTACK:  # NAME.oci-config goes with the stack (systemd 262)
+        old.append(os.path.join(os.path.dirname(image.path), image.name + ".oci-config"))
     if new_name is None:
         return [(p, None) for p in old]
     new = settings_paths(image, new_name) + sidecar_paths(image, new_name)
@@ -59,7 +61,7 @@ def _refuse_immutable(image: Image) -> None:
 def remove_image(image: Image) -> None:
     _refuse_immutable(image)
     with image_path_lock(image.path):
-        if image.type in (ImageType.SUBVOLUME, ImageType.DIRECTORY):
+        if image.type in (ImageType.SUBVOLUME, ImageType.DIRECTORY, ImageType.MSTACK):
             remove_tree(image.path)
         elif image.type == ImageType.RAW:
             os.unlink(image.path)
@@ -75,10 +77,27 @@ def remove_image(image: Image) -> None:
 # --- rename -------------------------------------------------------------------
 
 
+def _refuse_mstack(image: Image, message: str | None = None) -> None:
+    """What systemd 262 does with a mount stack for all but removal."""
+    if image.type == ImageType.MSTACK:
+        raise Errno(errno.EOPNOTSUPP, message)
+
+
 def rename_image(pool: Pool, image: Image, new_name: str) -> None:
+    """Rename IMAGE (and its settings and side files); errnos are told as
+    systemd 262 tells them ("Failed to rename image: ...")."""
     if not image_name_is_valid(new_name):
         raise InvalidArgs(f"Image name '{new_name}' is invalid.")
+    try:
+        _rename_image(pool, image, new_name)
+    except (Errno, OSError) as e:
+        code = e.errno or errno.EIO
+        raise Errno(code, f"Failed to rename image: {os.strerror(code)}") from None
+
+
+def _rename_image(pool: Pool, image: Image, new_name: str) -> None:
     _refuse_immutable(image)
+    _refuse_mstack(image)
     if image.type == ImageType.BLOCK and image.path.startswith("/dev/"):
         raise Errno(errno.EROFS)
     with image_path_lock(image.path), image_name_lock(new_name):
@@ -113,7 +132,7 @@ def rename_image(pool: Pool, image: Image, new_name: str) -> None:
 def clone_image(pool: Pool, image: Image, new_name: str, read_only: bool) -> None:
     if not image_name_is_valid(new_name):
         raise InvalidArgs(f"Image name '{new_name}' is invalid.")
-    if image.type == ImageType.BLOCK:
+    if image.type in (ImageType.BLOCK, ImageType.MSTACK):
         raise Errno(errno.EOPNOTSUPP)
     with image_name_lock(new_name):
         if pool.exists(new_name):
@@ -163,6 +182,7 @@ def _copy_small_file(src: str, dst: str) -> None:
 
 def mark_read_only(image: Image, read_only: bool) -> None:
     _refuse_immutable(image)
+    _refuse_mstack(image)
     with image_path_lock(image.path):
         if image.type == ImageType.SUBVOLUME:
             btrfs.set_read_only(image.path, read_only)
@@ -175,10 +195,28 @@ def mark_read_only(image: Image, read_only: bool) -> None:
             fsutil.set_block_device_read_only(image.path, read_only)
 
 
-def set_image_limit(image: Image, limit: int) -> None:
+QUOTAS_OFF = ("Quotas are off on this btrfs file system: start the services with --quota=simple "
+              "to use simple quotas, or turn quotas on yourself")
+
+
+def quotas_ready(pool: Pool, path: str) -> None:
+    """Quotas on for the btrfs at PATH, or a clear refusal.  Unlike systemd,
+    full qgroups are never turned on implicitly (a whole file system slows
+    down with them); simple quotas are, where the pool says so."""
+    if btrfs.quota_mode(path) != "off":
+        return
+    if pool.quota != "simple":
+        raise QuotaOff(QUOTAS_OFF)
+    log.info("Turning on btrfs simple quotas for %s.", path)
+    btrfs.quota_enable(path, simple=True)
+
+
+def set_image_limit(pool: Pool, image: Image, limit: int) -> None:
     _refuse_immutable(image)
+    _refuse_mstack(image)
     if image.type != ImageType.SUBVOLUME:
         raise Errno(errno.EOPNOTSUPP)
+    quotas_ready(pool, image.path)
     btrfs.set_limit(image.path, limit)
 
 
@@ -188,7 +226,21 @@ def set_pool_limit(pool: Pool, limit: int) -> None:
         raise NotSupported("Quota is only supported on btrfs.")
     if not btrfs.is_subvolume(pool.path):
         raise NotSupported("Quota is only supported on btrfs subvolumes.")
+    quotas_ready(pool, pool.path)
     btrfs.set_limit(pool.path, limit)
+
+
+def prepare_quotas(pool: Pool) -> None:
+    """At a service's start: simple quotas on for a btrfs pool that should
+    have them (its imported trees then show their usage)."""
+    if pool.quota != "simple" or not os.path.isdir(pool.path) or not btrfs.is_btrfs(pool.path):
+        return
+    try:
+        if btrfs.quota_mode(pool.path) == "off":
+            log.info("Turning on btrfs simple quotas for the pool %s.", pool.path)
+            btrfs.quota_enable(pool.path, simple=True)
+    except OSError as e:  # a kernel before 6.7 says EINVAL
+        log.warning("Could not turn on btrfs simple quotas for %s: %s", pool.path, e.strerror or e)
 
 
 def pool_usage(pool: Pool) -> int:
@@ -204,23 +256,40 @@ def pool_limit(pool: Pool) -> int:
 
 
 def clean_pool(pool: Pool, mode: str) -> list[tuple[str, int]]:
-    """Remove hidden images (mode "hidden") or all images ("all"); images in
-    use are skipped.  Returns (name, exclusive usage) of each one removed."""
-    if mode not in ("hidden", "all"):
+    """Remove hidden images (mode "hidden") or all images ("all"), or only
+    the OCI layers no mount stack refers to ("layers"); images in use are
+    skipped.  Layers come last, and one a mount stack still refers to is in
+    use (systemd 262 removes those too, breaking the stacks).  Returns (name,
+    exclusive usage) of each one removed."""
+    if mode not in ("hidden", "all", "layers"):
         raise InvalidArgs(f"Unknown mode '{mode}'.")
     removed: list[tuple[str, int]] = []
-    for name, image in sorted(pool.discover().items()):
-        if image.immutable or (mode == "hidden" and not image.hidden):
-            continue
-        try:
-            remove_image(image)
-        except OSError as e:
-            if e.errno == errno.EBUSY:
+    images = sorted(pool.discover().items())
+    layers = [(n, i) for n, i in images if mstack.is_layer_name(n) and os.path.dirname(i.path) == pool.path]
+    others = [(n, i) for n, i in images if (n, i) not in layers]
+    if mode != "layers":
+        for name, image in others:
+            if image.immutable or (mode == "hidden" and not image.hidden):
                 continue
-            raise PoolError(f"Failed to remove image '{name}': {e.strerror}") from e
-        except PoolError as e:
-            if isinstance(e, Errno) and e.errno == errno.EBUSY:
-                continue
-            raise PoolError(f"Failed to remove image '{name}': {e}") from e
-        removed.append((name, image.usage_exclusive))
+            if _remove_for_clean(name, image):
+                removed.append((name, image.usage_exclusive))
+    used = mstack.referenced_layers(pool.path)
+    for name, image in layers:
+        if name not in used and _remove_for_clean(name, image):
+            removed.append((name, image.usage_exclusive))
     return removed
+
+
+def _remove_for_clean(name: str, image: Image) -> bool:
+    """Remove IMAGE; False when it is in use (EBUSY)."""
+    try:
+        remove_image(image)
+    except OSError as e:
+        if e.errno == errno.EBUSY:
+            return False
+        raise PoolError(f"Failed to remove image '{name}': {e.strerror}") from e
+    except PoolError as e:
+        if isinstance(e, Errno) and e.errno == errno.EBUSY:
+            return False
+        raise PoolError(f"Failed to remove image '{name}': {e}") from e
+    return True

@@ -111,11 +111,12 @@ class Child:
     STDIN and STDOUT are file descriptors, DEVNULL or PIPE.  STDERR_LOG gets
     the child's stderr lines (default: our logger at debug level, prefixed
     with NAME); PASS_FDS are inherited.  TIMEOUT (seconds, from the start)
-    bounds wait() and communicate()."""
+    bounds wait() and communicate(); UMASK (when not -1) is the child's umask."""
 
     def __init__(self, argv: Sequence[str], *, stdin: int | None = DEVNULL, stdout: int | None = DEVNULL,
                  stderr_log: LogFn | None = None, env: Mapping[str, str] | None = None, cwd: str | None = "/",
-                 pass_fds: Sequence[int] = (), name: str | None = None, timeout: float | None = None) -> None:
+                 pass_fds: Sequence[int] = (), name: str | None = None, timeout: float | None = None,
+                 umask: int = -1) -> None:
         self.argv = list(argv)
         self.name = name or os.path.basename(self.argv[0])
         self.deadline = None if timeout is None else time.monotonic() + timeout
@@ -127,7 +128,7 @@ class Child:
             self.proc = subprocess.Popen(
                 [*_pdeathsig_prefix(), *self.argv], stdin=stdin, stdout=stdout, stderr=err_w, close_fds=True,
                 pass_fds=tuple(pass_fds), env=dict(env) if env is not None else None, cwd=cwd,
-                process_group=0,
+                process_group=0, umask=umask,
             )
         except BaseException:
             os.close(err_r)

@@ -69,12 +69,19 @@ class Server:
     def connection_count(self) -> int:
         return len(self._connections)
 
-    async def start(self, path: str) -> None:
-        """Listen on PATH (mode 0666; its directory is made 0755 if missing)."""
+    async def start(self, path: str, fd: int | None = None) -> None:
+        """Listen on PATH (mode 0666; its directory is made 0755 if missing),
+        or on the listening socket FD that socket activation passed (left in
+        place when we stop: it is systemd's)."""
         if self._sock is not None:
             raise RuntimeError("Varlink server already started")
         loop = asyncio.get_running_loop()
-        self._sock, self._inode = listen(path)
+        if fd is not None:
+            self._sock = socket.socket(fileno=fd)
+            self._sock.setblocking(False)
+            self._inode = None
+        else:
+            self._sock, self._inode = listen(path)
         self._path, self._loop = path, loop
         loop.add_reader(self._sock, self._accept)
         log.debug("Serving Varlink on %s.", path)
@@ -139,7 +146,7 @@ class Server:
         conn.setblocking(False)
         assert self._loop is not None
         transport = VarlinkTransport(self._loop, conn, conn, self.connection(self, (pid, uid, gid)),
-                                     {"peercred": (pid, uid, gid)})
+                                     {"peercred": (pid, uid, gid), "socket": conn})
         self._connections[transport] = uid
         self._per_uid[uid] += 1
         transport.closed_future.add_done_callback(lambda _: self._forget(transport))
@@ -273,9 +280,12 @@ class Connection(VarlinkInterfaceServerProtocol):
             # asyncvarlink's EOF handling: close once calls in flight are done.
             super().eof_received()
 
+    # systemd 252's varlink servers send "parameters":{} with every error.
+    empty_error_parameters = True
+
     def send_reply(self, reply: VarlinkMethodReply, fds: list[int] | None = None,
                    autoclose: bool = True) -> asyncio.Future[None]:
-        if reply.error is not None and not reply.parameters:
+        if self.empty_error_parameters and reply.error is not None and not reply.parameters:
             reply.extensions.setdefault("parameters", {})   # as systemd: "parameters":{} on every error
         return super().send_reply(reply, fds, autoclose)
 

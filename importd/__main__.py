@@ -7,31 +7,34 @@ import asyncio
 import logging
 
 from imagepool import daemon
-from imagepool.image import Pool
-from importd import local
+from imagepool.classes import Roots
+from importd import local, oci
 from importd.dbus.manager import PATH, ImportManagerObject
 from importd.http import DEFAULT_STALL_TIMEOUT, MAX_RETRIES, HttpOptions
 from importd.local import DEFAULT_MAX_IMAGE_SIZE
 from importd.manager import ImportManager, Options
+from importd.varlink import serve as serve_varlink
 
 log = logging.getLogger("importd")
 
 BUS_NAME = "org.freedesktop.import1"
 
 
-async def serve(pool_path: str, options: Options, stop: asyncio.Event) -> None:
+async def serve(roots: Roots, options: Options, stop: asyncio.Event) -> None:
     bus = daemon.open_system_bus()
-    manager = ImportManager(Pool(pool_path), options)
+    manager = ImportManager(roots, options)
     cleanup = daemon.clean_up_after_crashes("importd", manager.pool_directories())
     front = ImportManagerObject(manager)
     front.export_to_dbus(PATH)
+    varlink = await serve_varlink(manager)
     await daemon.request_name(bus, BUS_NAME)
     daemon.sd_notify("READY=1\nSTATUS=Processing requests...")
-    log.info("importd ready, pool %s", pool_path)
+    log.info("importd ready, pool %s", roots.pool_path("machine"))
     await stop.wait()
     daemon.sd_notify("STOPPING=1")
     # Cancel running transfers: each removes what it wrote.
     await manager.shutdown()
+    await varlink.stop()
     await cleanup
     bus.close()
 
@@ -48,11 +51,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sync", action=argparse.BooleanOptionalAction, default=local.sync_default(),
                         help="have an image on disk before it is installed, as systemd-import and systemd-pull "
                              "do (default: yes, or $SYSTEMD_IMPORT_SYNC)")
+    parser.add_argument("--oci-parallel", type=int, default=oci.DEFAULT_PARALLEL,
+                        help="layers a pull-oci downloads at once (default: %(default)s)")
     args = parser.parse_args(argv)
     daemon.setup_logging(args.debug)
-    options = Options(max_image_size=args.max_image_size, sync=args.sync,
+    options = Options(max_image_size=args.max_image_size, sync=args.sync, oci_parallel=max(1, args.oci_parallel),
                       http=HttpOptions(stall_timeout=args.stall_timeout, retries=args.retries))
-    return daemon.run(lambda stop: serve(args.pool, options, stop))
+    roots = daemon.image_roots(args)
+    return daemon.run(lambda stop: serve(roots, options, stop))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import contextlib
 import email.utils
 import hashlib
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -30,6 +31,7 @@ from typing import Any
 import httpcore
 import httpx
 
+from importd import fileurl
 from importd.context import Canceled, JobContext, TransferError
 from importd.progress import format_bytes, format_timespan
 
@@ -49,15 +51,29 @@ USER_AGENT = "systemd-importd/252 (machined-py)"
 httpcore._sync.http11.HTTP11Connection.READ_NUM_BYTES = 512 << 10
 
 
+_SSL_CONTEXT: ssl.SSLContext | None = None
+
+
+def system_ssl_context() -> ssl.SSLContext:
+    """HTTPS with the system's CAs (OpenSSL's default paths, or
+    $SSL_CERT_FILE/$SSL_CERT_DIR), as curl does for systemd-pull; not the
+    bundle a Python package brings."""
+    global _SSL_CONTEXT
+    if _SSL_CONTEXT is None:
+        _SSL_CONTEXT = ssl.create_default_context()
+    return _SSL_CONTEXT
+
+
 class _ConnectFailed(TransferError):
     """No connection to the server (a resume may try again)."""
 
 
 class HttpError(TransferError):
-    def __init__(self, url: str, status: int) -> None:
+    def __init__(self, url: str, status: int, challenge: str | None = None) -> None:
         super().__init__(f"HTTP request to {url} failed with code {status}.")
         self.url = url
         self.status = status
+        self.challenge = challenge  # WWW-Authenticate of a 401, for registry clients
 
 
 @dataclass
@@ -79,6 +95,8 @@ class Download:
     not_modified: bool = False  # the server (or the ETag) said we have it
     resumes: int = 0
     hasher: hashlib._Hash = field(default_factory=hashlib.sha256, repr=False)
+    content_type: str | None = None
+    headers: dict[str, str] = field(default_factory=dict, repr=False)  # of the (first) response
 
 
 def _parse_date(value: str | None) -> float | None:
@@ -108,6 +126,7 @@ class Http:
             timeout=httpx.Timeout(o.stall_timeout, connect=o.connect_timeout),
             headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
             trust_env=True,  # http_proxy, https_proxy, no_proxy
+            verify=system_ssl_context(),
         )
         self._sockets: set[socket.socket] = set()
         self._lock = threading.Lock()
@@ -185,6 +204,13 @@ class Http:
     @contextlib.contextmanager
     def _request(self, url: str, headers: dict[str, str]) -> Iterator[httpx.Response]:
         self.ctx.check()
+        if url.startswith("file:"):
+            response = fileurl.get(url, headers)
+            try:
+                yield response
+            finally:
+                response.close()
+            return
         self.stalled = False
         self._begin()
         try:
@@ -212,16 +238,17 @@ class Http:
         finally:
             self._end()
 
-    def fetch_small(self, url: str, limit: int = AUX_MAX) -> tuple[bytes, Download] | None:
+    def fetch_small(self, url: str, limit: int = AUX_MAX,
+                    headers: dict[str, str] | None = None) -> tuple[bytes, Download] | None:
         """A side file (checksums, signature, settings): None on 404."""
         info = Download(url)
         try:
-            with self._request(url, {}) as response:
+            with self._request(url, dict(headers or {})) as response:
                 if response.status_code == 404:
                     self.ctx.log(f"HTTP request to {url} failed with code 404.")
                     return None
                 if response.status_code >= 300:
-                    raise HttpError(url, response.status_code)
+                    raise HttpError(url, response.status_code, response.headers.get("WWW-Authenticate"))
                 length = _content_length(response)
                 if length is not None and length > limit:
                     raise TransferError("Content too large.")
@@ -241,20 +268,24 @@ class Http:
             raise TransferError(f"Download of {url} failed: {e}") from None
         info.size = len(data)
         info.etag = response.headers.get("ETag")
-        self.ctx.log(f"Acquired {format_bytes(len(data))}.")
+        info.content_type = response.headers.get("Content-Type")
+        info.headers = dict(response.headers)
+        self.ctx.log(f"Acquired {format_bytes(len(data))} for {url}.")
         self.ctx.log(f"Download of {url} complete.")
         info.sha256 = hashlib.sha256(data).hexdigest()
         return bytes(data), info
 
     def stream(self, url: str, sink: Callable[[bytes], None], *, etags: Sequence[str] = (),
-               max_size: int, progress: Callable[[float], None] | None = None, hash: bool = True) -> Download:
+               max_size: int, progress: Callable[[float], None] | None = None, hash: bool = True,
+               request_headers: dict[str, str] | None = None) -> Download:
         """Download URL into SINK (called with each chunk as it arrives),
         hashing the bytes as received.  A dropped connection is resumed
         where it stopped, if the server supports ranges and the validator
         still matches.  With ETAGS, a 304 (or a matching ETag) means the
         cached copy is current: nothing is passed to SINK."""
         info = Download(url)
-        headers: dict[str, str] = {}
+        base = dict(request_headers or {})  # sent with every request, resumes too (Authorization)
+        headers: dict[str, str] = dict(base)
         if etags:
             headers["If-None-Match"] = ", ".join(etags)
         total: int | None = None
@@ -274,8 +305,10 @@ class Http:
                         if status == 404:
                             raise HttpError(url, 404)
                         if status >= 300:
-                            raise HttpError(url, status)
+                            raise HttpError(url, status, response.headers.get("WWW-Authenticate"))
                         info.status = status
+                        info.content_type = response.headers.get("Content-Type")
+                        info.headers = dict(response.headers)
                         info.etag = response.headers.get("ETag")
                         if info.etag and info.etag in etags:
                             info.not_modified = True
@@ -284,7 +317,7 @@ class Http:
                         total = _content_length(response)
                         if total is not None and total > max_size:
                             raise TransferError("Content too large.")
-                        if total is not None:
+                        if total is not None and not url.startswith("file:"):  # (curl says nothing for files)
                             self.ctx.log(f"Downloading {format_bytes(total)} for {url}.")
                         if info.etag and valid_etag(info.etag) and not info.etag.startswith("W/"):
                             validator = info.etag
@@ -292,6 +325,8 @@ class Http:
                             validator = response.headers["Last-Modified"]
                         if response.headers.get("Accept-Ranges", "").lower() == "none":
                             validator = None
+                    elif status == 401:  # a token that expired in the meantime: the caller may renew it
+                        raise HttpError(url, status, response.headers.get("WWW-Authenticate"))
                     elif status != 206 or not _range_matches(response, info.size, total):
                         raise TransferError(f"The image at {url} changed while it was being downloaded.")
                     for chunk in response.iter_raw():
@@ -334,7 +369,7 @@ class Http:
                              f"resuming in {delay:g}s (attempt {attempt} of {self.options.retries}).")
                 if self.ctx.cancel.wait(delay):
                     raise Canceled() from None
-                headers = {"Range": f"bytes={info.size}-", "If-Range": validator}
+                headers = {**base, "Range": f"bytes={info.size}-", "If-Range": validator}
                 info.resumes += 1
         info.sha256 = info.hasher.hexdigest()
         return info

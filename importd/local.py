@@ -67,6 +67,7 @@ def import_tar(ctx: JobContext, fd: int, pool: Pool, name: str, force: bool, rea
                max_size: int = DEFAULT_MAX_IMAGE_SIZE, sync: bool = True) -> None:
     _check_target(pool, name, force)
     ctx.log(f"Importing '{fd_path(fd)}', saving as '{name}'.")
+    ctx.log(f"Operating on image directory '{pool.path}'.")
     with exiting_on_failure(ctx):
         with image_name_lock(name):
             tmp = tree.temp_name(pool.path, name)
@@ -103,6 +104,7 @@ def import_raw(ctx: JobContext, fd: int, pool: Pool, name: str, force: bool, rea
                max_size: int = DEFAULT_MAX_IMAGE_SIZE, sync: bool = True) -> None:
     _check_target(pool, name, force)
     ctx.log(f"Importing '{fd_path(fd)}', saving as '{name}'.")
+    ctx.log(f"Operating on image directory '{pool.path}'.")
     with exiting_on_failure(ctx):
         limit = size_limit(pool, max_size)
         with image_name_lock(name):
@@ -197,6 +199,7 @@ def import_fs(ctx: JobContext, dir_fd: int, pool: Pool, name: str, force: bool, 
               sync: bool = True) -> None:
     _check_target(pool, name, force)
     ctx.log(f"Importing '{fd_path(dir_fd)}', saving as '{name}'.")
+    ctx.log(f"Operating on image directory '{pool.path}'.")
     with exiting_on_failure(ctx):
         final = os.path.join(pool.path, name)
         with image_name_lock(name):

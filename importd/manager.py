@@ -19,11 +19,11 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from imagepool import tree
+from imagepool import classes, ops, tree
 from imagepool.errors import Errno, InvalidArgs
 from imagepool.image import Image, Pool
 from imagepool.names import hostname_is_valid, image_name_is_valid
-from importd import local, pull
+from importd import local, oci, pull
 from importd.context import JobContext
 from importd.http import HttpOptions
 from importd.transfer import Transfer, TransferManager, TransferType
@@ -32,13 +32,11 @@ from importd.verify import VerifyMode, parse_verify_mode
 FLAG_FORCE = 1
 FLAG_READ_ONLY = 2
 FLAG_PULL_KEEP_DOWNLOAD = 4
+# PullOci: flatten the layers into one plain tree instead of a mount stack.
+# Ours (systemd 262 refuses every bit but force and read-only): a high bit,
+# clear of the ones systemd hands out from the bottom.
+FLAG_PULL_OCI_FLATTEN = 1 << 32
 
-CLASS_POOLS: dict[str, str | None] = {
-    "machine": None,  # the --pool of this daemon
-    "portable": "/var/lib/portables",
-    "sysext": "/var/lib/extensions",
-    "confext": "/var/lib/confexts",
-}
 
 
 @dataclass
@@ -46,13 +44,14 @@ class Options:
     max_image_size: int = local.DEFAULT_MAX_IMAGE_SIZE
     http: HttpOptions = field(default_factory=HttpOptions)
     sync: bool = True  # images on disk before they get their final name
+    oci_parallel: int = oci.DEFAULT_PARALLEL  # layers of a pull-oci downloaded at once
 
 
 # --- argument checks --------------------------------------------------------------
 
 
 def check_class(image_class: str) -> None:
-    if image_class not in CLASS_POOLS:
+    if not classes.class_is_valid(image_class):
         raise InvalidArgs(f"Image class '{image_class}' not known")
 
 
@@ -80,6 +79,19 @@ def check_pull(url: str, local_name: str, verify_mode: str, legacy: bool) -> Ver
     return parse_verify_mode(verify_mode)
 
 
+def check_oci_pull(ref: str, local_name: str) -> None:
+    """Argument checks of PullOci (after class and flags), in 262's words."""
+    if not oci.ref_is_valid(ref):
+        raise InvalidArgs(f"Reference '{ref}' is invalid")
+    if local_name:
+        check_local_name(local_name, False)
+
+
+def image_root_is_valid(path: str) -> bool:
+    """An absolute, normalized directory name (Varlink's imageRoot)."""
+    return path.startswith("/") and os.path.normpath(path) == path and "\0" not in path
+
+
 def check_stream_fd(fd: int) -> None:
     """Imports read, exports write: a regular file or a pipe, nothing else."""
     st = os.fstat(fd)
@@ -97,23 +109,28 @@ def check_dir_fd(fd: int) -> None:
 # --- the manager -----------------------------------------------------------------------
 
 
+def _setup_pool(pool: Pool) -> None:
+    tree.setup_pool(pool.path)
+    ops.prepare_quotas(pool)
+
+
 class ImportManager:
-    def __init__(self, machine_pool: Pool, options: Options | None = None) -> None:
-        self.machine_pool = machine_pool
+    def __init__(self, roots: classes.Roots, options: Options | None = None) -> None:
+        self.roots = roots
         self.options = options or Options()
         self.transfers = TransferManager()
+        self._pools = {c: roots.pool(c) for c in classes.CLASSES}
 
     def pool_directories(self) -> list[str]:
         """The pool directories of all classes (where our temporaries are)."""
-        return [self.pool_for(c).path for c in CLASS_POOLS]
+        return [self.pool_for(c).path for c in classes.CLASSES]
 
     def pool_for(self, image_class: str) -> Pool:
-        path = CLASS_POOLS[image_class]
-        return self.machine_pool if path is None else Pool(path, [path])
+        return self._pools[image_class]
 
     async def _setup_pool(self, image_class: str) -> Pool:
         pool = self.pool_for(image_class)
-        await asyncio.to_thread(tree.setup_pool, pool.path)
+        await asyncio.to_thread(_setup_pool, pool)
         return pool
 
     def _start(self, type: TransferType, local_name: str, job: Callable[[JobContext], None], fd: int,
@@ -134,8 +151,16 @@ class ImportManager:
             raise
 
     async def start_pull(self, type: TransferType, url: str, local_name: str, image_class: str, mode: VerifyMode,
-                         *, force: bool, read_only: bool, keep_download: bool) -> Transfer:
-        pool = await self._setup_pool(image_class)
+                         *, force: bool, read_only: bool, keep_download: bool,
+                         image_root: str | None = None) -> Transfer:
+        """IMAGE_ROOT (Varlink's imageRoot) puts the image in that directory
+        instead of the class's pool."""
+        if image_root is None:
+            pool = await self._setup_pool(image_class)
+        else:
+            root = self.roots.below_prefix(image_root)
+            pool = Pool(root, [root], host=False, quota=self.roots.quota)
+            await asyncio.to_thread(_setup_pool, pool)
         o = self.options
         req = pull.PullRequest(
             kind="tar" if type == TransferType.PULL_TAR else "raw", url=url, local=local_name, verify=mode,
@@ -143,6 +168,15 @@ class ImportManager:
             max_size=o.max_image_size, http=o.http, sync=o.sync)
         job = functools.partial(pull.pull, req=req, pool=pool)
         return self._start(type, local_name, job, -1, image_class, remote=url, verify=str(mode))
+
+    async def start_pull_oci(self, ref: str, local_name: str, image_class: str, *, force: bool, read_only: bool,
+                             flatten: bool) -> Transfer:
+        pool = await self._setup_pool(image_class)
+        o = self.options
+        req = oci.OciPullRequest(ref=ref, local=local_name, force=force, read_only=read_only, flatten=flatten,
+                                 parallel=o.oci_parallel, max_size=o.max_image_size, http=o.http, sync=o.sync)
+        job = functools.partial(oci.pull_oci, req=req, pool=pool)
+        return self._start(TransferType.PULL_OCI, local_name, job, -1, image_class, remote=ref)
 
     async def start_import(self, type: TransferType, fd: int, name: str, image_class: str, *, force: bool,
                            read_only: bool) -> Transfer:
@@ -179,9 +213,9 @@ class ImportManager:
     async def list_images(self, image_class: str = "") -> list[tuple[str, Image]]:
         """(class, image) of every image of IMAGE_CLASS (all classes: "")."""
         result = []
-        for cls in [image_class] if image_class else list(CLASS_POOLS):
+        for cls in [image_class] if image_class else list(classes.CLASSES):
             images = await asyncio.to_thread(self.pool_for(cls).discover)
-            result += [(cls, i) for name, i in sorted(images.items()) if not i.is_host]
+            result += [(cls, i) for name, i in sorted(images.items())]  # .host too, as systemd 262
         return result
 
     def get(self, transfer_id: int) -> Transfer:

@@ -143,11 +143,12 @@ def _with_tail(message: str, child: spawn.Child) -> TransferError:
     return err
 
 
-def _start(argv: list[str], caps: tuple[str, ...], ctx: JobContext, stdin: int, stdout: int) -> spawn.Child:
+def _start(argv: list[str], caps: tuple[str, ...], ctx: JobContext, stdin: int, stdout: int,
+           umask: int = -1) -> spawn.Child:
     """A confined tar child, its stderr lines going to the job log."""
     try:
         return spawn.Child(confinement(caps, ctx) + argv, stdin=stdin, stdout=stdout, stderr_log=ctx.log,
-                           env=_child_env(), cwd="/", name="tar")
+                           env=_child_env(), cwd="/", name="tar", umask=umask)
     except OSError as e:
         raise TransferError(f"Failed to execute tar: {e.strerror or e}") from None
 
@@ -166,6 +167,11 @@ class TarUnpacker:
     anything else), tar has been killed and reaped already, so the caller may
     remove the half-unpacked tree right away.
 
+    UMASK, if given, is tar's umask: it only shapes the directories tar
+    makes for members whose parents the archive does not list (-p keeps the
+    modes of listed members); 0o777 makes them mode 0 and so recognizable
+    (importd.oci does that to give them their lower layers' attributes).
+
     As a context manager, leaving the block always calls abort(): a no-op
     after a successful finish(), and a kill otherwise, so a stream is only
     ever complete after an explicit finish()::
@@ -176,7 +182,7 @@ class TarUnpacker:
             tar.finish()
     """
 
-    def __init__(self, directory: str, ctx: JobContext) -> None:
+    def __init__(self, directory: str, ctx: JobContext, umask: int = -1) -> None:
         self.directory = os.path.abspath(directory)
         self.ctx = ctx
         self._finished = False  # finish() succeeded
@@ -186,7 +192,8 @@ class TarUnpacker:
         r, w = os.pipe()
         try:
             _grow_pipe(w)
-            self._child = _start(unpack_argv(self.directory), UNPACK_CAPS, ctx, stdin=r, stdout=spawn.DEVNULL)
+            self._child = _start(unpack_argv(self.directory), UNPACK_CAPS, ctx, stdin=r, stdout=spawn.DEVNULL,
+                                 umask=umask)
         except BaseException:
             os.close(w)
             raise

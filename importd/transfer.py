@@ -10,6 +10,7 @@ TransferRemoved that ends the transfer.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import enum
 import errno
 import logging
@@ -36,6 +37,7 @@ class TransferType(enum.StrEnum):
     EXPORT_RAW = "export-raw"
     PULL_TAR = "pull-tar"
     PULL_RAW = "pull-raw"
+    PULL_OCI = "pull-oci"
 
     @property
     def writes_image(self) -> bool:
@@ -106,9 +108,9 @@ class TransferManager:
             raise Errno(errno.E2BIG)
         for t in self.transfers.values():
             if remote and t.type == type and t.remote == remote:
-                raise TransferInProgress(f"Transfer for {remote} already in progress.")
+                raise TransferInProgress(f"Transfer for {remote} already in progress.", remote)
             if local and type.writes_image and t.type.writes_image and t.local == local:
-                raise TransferInProgress(f"Transfer for {local} already in progress.")
+                raise TransferInProgress(f"Transfer for {local} already in progress.", remote)
 
     def create(self, type: TransferType, local: str, job: Job, *, remote: str = "", verify: str = "",
                image_class: str = "machine") -> Transfer:
@@ -137,7 +139,10 @@ class TransferManager:
         self.transfers[transfer.id] = transfer
         for cb in self.on_new:
             cb(transfer)
-        loop.call_soon(self._start, transfer, job)
+        # In a context of its own: the caller's holds its D-Bus message (and
+        # with it the file descriptors the message brought, an export's
+        # output among them) for as long as the task would live.
+        loop.call_soon(self._start, transfer, job, context=contextvars.Context())
         return transfer
 
     def _start(self, transfer: Transfer, job: Job) -> None:

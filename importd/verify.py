@@ -218,10 +218,13 @@ def check_checksum(ctx: JobContext, url: str, filename: str, sha256_hex: str, su
 # ---------------------------------------------------------------------------
 # Signatures
 
+# The first that exists: the admin's (systemd 262's name, then 252's), then
+# the vendor's.
 DEFAULT_KEYRINGS: tuple[str, ...] = (
-    "/etc/systemd/import-pubring.gpg",  # admin override
-    "/usr/lib/systemd/import-pubring.gpg",  # vendor keyring, v252
-    "/usr/lib/systemd/import-pubring.pgp",  # vendor keyring, renamed in v258
+    "/etc/systemd/import-pubring.pgp",
+    "/etc/systemd/import-pubring.gpg",
+    "/usr/lib/systemd/import-pubring.pgp",
+    "/usr/lib/systemd/import-pubring.gpg",
 )
 
 GPG_CANDIDATES: tuple[str, ...] = ("gpg2", "gpg")  # systemd tries gpg2 first

@@ -9,12 +9,13 @@ authorize, then call the methods here.  Blocking work runs in worker threads.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from imagepool import ops
-from imagepool.errors import InvalidArgs, LimitsExceeded, NoSuchImage
+from imagepool.errors import Errno, InvalidArgs, LimitsExceeded, NoSuchImage
 from imagepool.image import Image, ImageType, Pool
 from imagepool.inotify import DirectoryWatch
 from imagepool.metadata import ImageMetadata, read_tree_metadata
@@ -24,7 +25,7 @@ from imagepool.rawmeta import read_raw_metadata
 log = logging.getLogger(__name__)
 
 OPERATIONS_MAX = 64
-CLEAN_MODES = ("hidden", "all")
+CLEAN_MODES = ("hidden", "all", "layers")  # "layers": OCI layers no mount stack refers to (ours)
 
 T = TypeVar("T")
 Listener = Callable[[Image], None]
@@ -148,7 +149,7 @@ class ImageManager:
         await self.refresh(image.name)
 
     async def set_limit(self, image: Image, limit: int) -> None:
-        await self.run(ops.set_image_limit, image, limit)
+        await self.run(ops.set_image_limit, self.pool, image, limit)
         await self.refresh(image.name)
 
     async def set_pool_limit(self, limit: int) -> None:
@@ -178,4 +179,6 @@ class ImageManager:
 def read_metadata(image: Image) -> ImageMetadata:
     if image.type in (ImageType.DIRECTORY, ImageType.SUBVOLUME):
         return read_tree_metadata(image.path)
+    if image.type == ImageType.MSTACK:  # as systemd 262
+        raise Errno(errno.EOPNOTSUPP, "Failed to read image metadata: Operation not supported")
     return read_raw_metadata(image.path)

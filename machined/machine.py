@@ -59,6 +59,12 @@ class Machine:
     vsock_cid: int = VMADDR_CID_ANY
     ssh_address: str = ""
     ssh_private_key_path: str = ""
+    # A Varlink address that controls the machine (io.systemd.MachineInstance).
+    control_address: str = ""
+    # The machine's cgroup below its unit's, when it has one of its own there.
+    subgroup: str = ""
+    # Who registered the machine.
+    uid: int = 0
     # Our own cgroup for the machine, when we made one (CreateMachine).
     cgroup: str = ""
     # The job systemd is starting the machine's scope with, until it is done.
@@ -88,7 +94,8 @@ class Machine:
         """/run/systemd/machines/NAME as systemd-machined writes it (its keys in
         its order; unset ones left out), and a few X_ keys of ours."""
         fields: list[tuple[str, object]] = [
-            ("NAME", self.name), ("SCOPE", self.unit), ("SCOPE_JOB", self.scope_job), ("SERVICE", self.service),
+            ("NAME", self.name), ("UID", self.uid), ("SCOPE", self.unit), ("SUBGROUP", self.subgroup),
+            ("SCOPE_JOB", self.scope_job), ("SERVICE", self.service),
             ("ROOT", self.root_directory), ("ID", self.id.hex()), ("LEADER", str(self.leader)),
             ("LEADER_PIDFDID", self.leader_pidfd_id), ("SUPERVISOR", self.supervisor),
             ("SUPERVISOR_PIDFDID", self.supervisor and self.supervisor_pidfd_id),
@@ -96,6 +103,7 @@ class Machine:
             ("MONOTONIC", str(self.timestamp_monotonic)), ("NETIF", " ".join(str(i) for i in self.netif)),
             ("VSOCK_CID", self.vsock_cid if self.vsock_cid != VMADDR_CID_ANY else 0),
             ("SSH_ADDRESS", self.ssh_address), ("SSH_PRIVATE_KEY_PATH", self.ssh_private_key_path),
+            ("CONTROL_ADDRESS", self.control_address),
             ("X_CGROUP", self.cgroup), ("X_OWN_UNIT", 1 if self.own_unit else 0),
             ("X_SCOPE_CGROUP", self.scope_cgroup), ("X_LEADER_START", self.leader_start),
         ]
@@ -105,8 +113,8 @@ class Machine:
 
 
 # The free-form strings: systemd env-escapes these.
-_QUOTED = frozenset({"SCOPE", "SCOPE_JOB", "SERVICE", "ROOT", "SSH_ADDRESS", "SSH_PRIVATE_KEY_PATH", "X_CGROUP",
-                     "X_SCOPE_CGROUP"})
+_QUOTED = frozenset({"SCOPE", "SUBGROUP", "SCOPE_JOB", "SERVICE", "ROOT", "SSH_ADDRESS", "SSH_PRIVATE_KEY_PATH",
+                     "CONTROL_ADDRESS", "X_CGROUP", "X_SCOPE_CGROUP"})
 
 
 def _quote(value: str) -> str:
@@ -164,5 +172,8 @@ def machine_from_state(name: str, data: dict[str, str]) -> Machine:
         vsock_cid=int(data.get("VSOCK_CID", str(VMADDR_CID_ANY))),
         ssh_address=data.get("SSH_ADDRESS", ""),
         ssh_private_key_path=data.get("SSH_PRIVATE_KEY_PATH", ""),
+        control_address=data.get("CONTROL_ADDRESS", ""),
+        subgroup=data.get("SUBGROUP", ""),
+        uid=int(data.get("UID", "0")),
     )
     return machine

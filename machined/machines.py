@@ -233,7 +233,8 @@ class MachineManager:
 
     # --- what is inside ---------------------------------------------------------------
 
-    async def get_addresses(self, machine: Machine) -> list[tuple[int, bytes]]:
+    async def get_addresses(self, machine: Machine) -> list[tuple[int, int, bytes]]:
+        """(ifindex, family, address bytes) of each address of the machine."""
         return await self.run(ops.get_addresses, machine)
 
     @staticmethod

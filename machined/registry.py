@@ -15,6 +15,7 @@ import contextlib
 import errno
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator
 
 from imagepool.errors import Errno, MachineExists, NoSuchMachine, PoolError
@@ -60,13 +61,14 @@ class MachineRegistry:
         machine_id = b""
         with contextlib.suppress(OSError, ValueError):
             machine_id = bytes.fromhex(open("/etc/machine-id").read().strip())
-        boot = 0
-        with contextlib.suppress(OSError, ValueError):
-            for line in open("/proc/stat"):
-                if line.startswith("btime "):
-                    boot = int(line.split()[1]) * 1_000_000
+        # The host started at boot (systemd 262: both clocks at boot time,
+        # monotonic 0 unless suspended since); it gets VMADDR_CID_LOCAL (1),
+        # whatever its own CID.
+        boottime = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+        realtime = time.clock_gettime_ns(time.CLOCK_REALTIME) - boottime
+        monotonic = max(time.clock_gettime_ns(time.CLOCK_MONOTONIC) - boottime, 0)
         return Machine(".host", MachineClass.HOST, 1, id=machine_id, unit="-.slice", root_directory="/",
-                       timestamp=boot, timestamp_monotonic=0)
+                       timestamp=realtime // 1000, timestamp_monotonic=monotonic // 1000, vsock_cid=1)
 
     def __iter__(self) -> Iterator[Machine]:
         return iter(list(self.machines.values()))

@@ -21,7 +21,7 @@ from imagepool import dev as world
 _CLONE_NEWNS = 0x00020000
 IS_ROOT = os.geteuid() == 0
 # Fixtures that only root can provide: whoever uses one needs root.
-ROOT_FIXTURES = frozenset({"bus", "btrfs_mount", "pool", "daemons", "services", "machined", "importd"})
+ROOT_FIXTURES = frozenset({"bus", "btrfs_mount", "pool", "daemons", "services", "machined", "importd", "chroot"})
 
 
 def _enter_private_mount_namespace() -> None:
@@ -46,6 +46,15 @@ def _setup_namespace() -> None:
     # /etc/systemd too: tests put settings files and the import keyring there.
     subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755", "tmpfs", "/etc/systemd"], check=True)
     os.makedirs("/etc/systemd/nspawn")
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    """Which newest systemd the sid tests compare with (sid moves)."""
+    from tests import sid
+
+    if not sid.available():
+        return f"sid root: missing ({sid.ROOT})"
+    return f"sid root: systemd {sid.version()} ({sid.ROOT.resolve()})"
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -94,6 +103,17 @@ def bus():
         os.environ["DBUS_SYSTEM_BUS_ADDRESS"] = old
 
 
+@pytest.fixture(scope="session")
+def chroot(bus: world.PrivateBus):
+    """The Debian sid root (systemd 26x) ready for its daemons (tests.sid)."""
+    from tests import sid
+
+    assert sid.available(), f"the sid root is missing ({sid.ROOT}): run make deps"
+    root = sid.Chroot().open()
+    yield root
+    root.close()
+
+
 @pytest.fixture
 def btrfs_mount(tmp_path: Path):
     """A fresh btrfs file system on a loop device; yields its mount point."""
@@ -126,7 +146,7 @@ def pool(request: pytest.FixtureRequest, tmp_path: Path):
         subprocess.run(["rm", "-rf", str(tmp_path / "plain-pool")], check=True)
     # Locks and settings live outside the pool; a test must not leak them.
     subprocess.run(["rm", "-rf", "/run/systemd/nspawn"], check=True)
-    subprocess.run("rm -rf /etc/systemd/nspawn/* /etc/systemd/import-pubring.gpg /run/systemd/machines/*",
+    subprocess.run("rm -rf /etc/systemd/nspawn/* /etc/systemd/import-pubring.* /run/systemd/machines/*",
                    shell=True, check=True)
 
 
@@ -175,6 +195,7 @@ class Daemons:
         self.bus = bus
         self.pool = pool
         self.logdir = logdir
+        self.prefix = logdir / "roots"  # where our services keep the other image classes
         self.running: dict[str, tuple[world.Service, bool]] = {}
 
     def log_of(self, name: str) -> Path:
@@ -184,7 +205,7 @@ class Daemons:
               env: dict[str, str] | None = None) -> world.Service:
         self.stop(name)
         if ours:
-            svc = world.Service([*world.service_argv(name, self.pool.path), *extra],
+            svc = world.Service([*world.service_argv(name, self.pool.path, self.prefix), *extra],
                                 {**_service_env(self.bus), **(env or {})}, self.log_of(name))
             svc.start()
         else:

@@ -251,13 +251,42 @@ def test_qgroup_usage(btrfs_mount: Path):
     assert 2 * MiB <= top.referenced < 3 * MiB
 
 
+def test_limit_needs_quotas(btrfs_mount: Path):
+    """Limits are never a way to turn quotas on (systemd's are)."""
+    btrfs.create_subvolume(str(btrfs_mount / "a"))
+    with pytest.raises(OSError) as exc:
+        btrfs.set_limit(str(btrfs_mount / "a"), MiB)
+    assert exc.value.errno == errno.ENOTCONN
+    assert btrfs.quota_mode(str(btrfs_mount)) == "off"
+
+
+def test_simple_quotas(btrfs_mount: Path):
+    """Simple quotas (Linux 6.7): usage and limits of subvolumes made after."""
+    mnt = btrfs_mount
+    btrfs.quota_enable(str(mnt), simple=True)
+    assert btrfs.quota_mode(str(mnt)) == "simple"
+    a = mnt / "a"
+    btrfs.create_subvolume(str(a))
+    write_random(a / "data", 3 * MiB)
+    settle(mnt)
+    assert 3 * MiB <= btrfs.qgroup_of(str(a)).referenced < 4 * MiB
+    btrfs.set_limit(str(a), 4 * MiB)
+    assert btrfs.qgroup_of(str(a)).max_referenced == 4 * MiB
+    with pytest.raises(OSError) as exc:
+        write_random(a / "big", 8 * MiB)
+    assert exc.value.errno == errno.EDQUOT
+
+
 def test_limit(btrfs_mount: Path):
     mnt = btrfs_mount
     a = mnt / "a"
     btrfs.create_subvolume(str(a))
     btrfs.create_subvolume(str(a / "nested"))
     assert not btrfs.quota_enabled(str(mnt))
-    btrfs.set_limit(str(a), 4 * MiB)  # enables quota on the way
+    btrfs.quota_enable(str(mnt))
+    btrfs.quota_rescan_wait(str(mnt))
+    assert btrfs.quota_mode(str(mnt)) == "full"
+    btrfs.set_limit(str(a), 4 * MiB)
     btrfs.set_limit(str(a / "nested"), 6 * MiB)
     assert btrfs.quota_enabled(str(mnt))
     a_id = btrfs.subvolume_id(str(a))
@@ -288,6 +317,8 @@ def test_limit(btrfs_mount: Path):
 def test_limit_top_level(btrfs_mount: Path):
     """The pool is the mount point itself: qgroup 0/5."""
     mnt = btrfs_mount
+    btrfs.quota_enable(str(mnt))
+    btrfs.quota_rescan_wait(str(mnt))
     btrfs.set_limit(str(mnt), 16 * MiB)
     assert oracle_qgroups(mnt)[5].max_referenced == 16 * MiB
     assert btrfs.qgroup_of(str(mnt)).max_referenced == 16 * MiB

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from imagepool import btrfs, fsutil
+from imagepool import btrfs, fsutil, ops
 from imagepool import dev as world
-from tests.conftest import Pool, busctl, machinectl
+from tests.conftest import Daemons, Pool, busctl, machinectl
 from tests.imagetree import describe_tree, make_os_tree, make_rich_tree, populate
 
 pytestmark = pytest.mark.usefixtures("machined")
@@ -152,7 +152,7 @@ def test_errors(pool: Pool) -> None:
     assert fails("remove", "nosuch") == "Could not remove image: No image 'nosuch' known"
     assert fails("clone", "sv1", "../evil") == "Could not clone image: Image name '../evil' is invalid."
     assert fails("clone", "sv1", "dir1") == "Could not clone image: File exists"
-    assert fails("rename", "sv1", "raw1") == "Could not rename image: File exists"
+    assert fails("rename", "sv1", "raw1") == "Could not rename image: Failed to rename image: File exists"  # as 262
     assert not (pool.path.parent / "evil").exists()
     assert no_temp_files(pool)
     r = busctl("call", "org.freedesktop.machine1", "/org/freedesktop/machine1",
@@ -210,12 +210,21 @@ def test_object_paths_and_introspection(pool: Pool) -> None:
     assert r.stdout.strip() == "t 10485760"
 
 
-def test_quota(pool: Pool) -> None:
+def test_quota(pool: Pool, daemons: Daemons) -> None:
     populate(pool.path, pool.btrfs)
     if not pool.btrfs:
         assert fails("set-limit", "sv1", "1G") == "Could not set limit: Operation not supported"
         assert "Could not set limit" in fails("set-limit", "1G")
         return
+    # Quotas are never turned on behind the admin's back (systemd does: full
+    # qgroups, for the whole file system) ...
+    assert fails("set-limit", "sv1", "100M") == f"Could not set limit: {ops.QUOTAS_OFF}"
+    assert fails("set-limit", "1G") == f"Could not set limit: {ops.QUOTAS_OFF}"
+    assert btrfs.quota_mode(str(pool.path)) == "off"
+    # ... but simple quotas are, when the service is told so.
+    daemons.start("machined", extra=("--quota=simple",))
+    assert btrfs.quota_mode(str(pool.path)) == "simple"
+    (pool / "sv1/filler").write_bytes(os.urandom(1 << 20))
     ok("set-limit", "sv1", "100M")
     assert "Limit: 100.0M" in ok("image-status", "sv1")
     assert ok("show-image", "-p", "Limit", "sv1").strip() == "Limit=104857600"

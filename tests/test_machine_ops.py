@@ -37,6 +37,7 @@ from imagepool import dev as world
 from imagepool.errors import (
     Errno,
     InvalidArgs,
+    InvalidForMachine,
     NoPrivateNetworking,
     NoSuchGroupMapping,
     NoSuchUserMapping,
@@ -354,19 +355,20 @@ def test_addresses_of_private_network(containers):
     subprocess.run([*net, "addr", "add", "192.0.2.9/32", "dev", "lo", "scope", "host"], check=True)
     subprocess.run([*net, "addr", "add", "198.51.100.1/24", "dev", "v0", "preferred_lft", "0"], check=True)
     got = ops.get_addresses(m)
-    assert all(isinstance(a, bytes) for _, a in got)
-    shown = [(family, str(ipaddress.ip_address(a))) for family, a in got]
+    assert all(isinstance(a, bytes) for _, _, a in got)
+    shown = [(family, str(ipaddress.ip_address(a))) for _, family, a in got]
     # IPv4 first, then by interface index; host scope and deprecated addresses left out.
     links = json.loads(subprocess.run([*net, "-j", "link"], capture_output=True, text=True, check=True).stdout)
     index = {link["ifname"]: link["ifindex"] for link in links}
     v4 = sorted([("v0", "10.1.2.3"), ("v1", "10.1.2.1")], key=lambda a: index[a[0]])
     assert shown == [(socket.AF_INET, v4[0][1]), (socket.AF_INET, v4[1][1]), (socket.AF_INET6, "fd00::7")]
+    assert [ifindex for ifindex, _, _ in got] == [index[v4[0][0]], index[v4[1][0]], index["v0"]]
     # None of it leaked into our own namespace.
     assert "10.1.2.3" not in subprocess.run(["ip", "addr"], capture_output=True, text=True).stdout
 
 
 def test_addresses_of_host_match_ip():
-    got = {str(ipaddress.ip_address(a)) for _, a in ops.get_addresses(host_machine())}
+    got = {str(ipaddress.ip_address(a)) for _, _, a in ops.get_addresses(host_machine())}
     shown = json.loads(subprocess.run(["ip", "-j", "addr"], capture_output=True, text=True, check=True).stdout)
     want = {a["local"] for link in shown for a in link.get("addr_info", [])
             if a.get("scope") not in ("host", "nowhere") and not a.get("deprecated")}
@@ -457,7 +459,7 @@ def test_map_users_and_groups(containers):
         ops.map_from_machine_user(m, 0xFFFFFFFF)
     with pytest.raises(InvalidArgs, match="^Invalid group ID 65535$"):
         ops.map_from_machine_group(m, 0xFFFF)
-    with pytest.raises(InvalidArgs, match="^Not supported for non-container machines.$"):
+    with pytest.raises(InvalidForMachine, match="^Not supported for non-container machines.$"):
         ops.map_from_machine_user(host_machine(), 0)
 
     machines = [host_machine(), p, m, t, plain.machine(MachineClass.VM)]

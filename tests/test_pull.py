@@ -14,6 +14,7 @@ import pytest
 
 from imagepool import btrfs
 from imagepool import dev as world
+from tests import newer, sid
 from tests.conftest import Daemons, Pool, machinectl
 from tests.httpserver import Fault, TestServer
 from tests.imagetree import describe_tree, make_os_tree
@@ -112,7 +113,13 @@ def env(pool: Pool, daemons: Daemons, tmp_path: Path, gpg_key):
 
 
 def mc(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
-    r = machinectl(*args)
+    """machinectl 252, but for pulls importctl 262: it asks for a kept copy
+    of the download (PullTarEx), which machinectl's PullTar no longer gets
+    (as with systemd 262; test_legacy_pull_keeps_no_download)."""
+    if args[0] in ("pull-tar", "pull-raw"):
+        r = sid.run("importctl", "--no-pager", args[0], "--class=machine", *args[1:])
+    else:
+        r = machinectl(*args)
     if ok:
         assert r.returncode == 0, f"machinectl {' '.join(args)}:\n{r.stdout}{r.stderr}"
     return r
@@ -295,12 +302,27 @@ def test_cache_hit_force_and_keep(env) -> None:
     assert leftovers(pool) == []
 
 
+def test_legacy_pull_keeps_no_download(env) -> None:
+    """machinectl 252's pull-tar (PullTar) gets no kept copy of the download
+    from us, as from systemd 262 (252's importd kept one); importctl's
+    default (PullTarEx with the keep flag) does."""
+    pool, server, site, tree = env
+    site.add("img.tar", tar_of(tree, None))
+    r = machinectl("pull-tar", "--verify=no", server.url("img.tar"), "legacy")
+    assert r.returncode == 0, r.stderr
+    assert (pool / "legacy/etc/os-release").exists()
+    assert not [p for p in os.listdir(pool.path) if p.startswith(".tar-")]
+    mc("pull-tar", "--verify=no", server.url("img.tar"), "new")
+    assert [p for p in os.listdir(pool.path) if p.startswith(".tar-")]
+    assert leftovers(pool) == []
+
+
 def test_http_errors_and_redirects(env) -> None:
     pool, server, site, tree = env
     site.add("img.tar", tar_of(tree, None))
     r = mc("pull-tar", "--verify=no", server.url("nosuch.tar"), "x", ok=False)
     assert f"HTTP request to {server.url('nosuch.tar')} failed with code 404." in r.stderr
-    assert "Failed to retrieve image file.\n" in r.stderr  # systemd-pull 252 says it so for raw images too
+    assert "Failed to retrieve image file. (Wrong URL?)\n" in r.stderr  # as systemd-pull 262, for raw images too
     server.faults["img.tar"] = Fault(status=500)
     r = mc("pull-tar", "--verify=no", server.url("img.tar"), "x", ok=False)
     assert f"HTTP request to {server.url('img.tar')} failed with code 500." in r.stderr
@@ -459,7 +481,7 @@ def test_pull_messages_match_reference(pool: Pool, daemons: Daemons, tmp_path: P
                 try:
                     r = subprocess.run(["machinectl", "--no-pager", *[a.format(u=server.url("")) for a in verb]],
                                        capture_output=True, text=True, timeout=30)
-                    out.append((_lines(r.stdout + r.stderr), r.returncode))
+                    out.append((_lines(newer.transfer_output(r.stdout + r.stderr, ours=ours)), r.returncode))
                 except subprocess.TimeoutExpired:
                     # systemd 252's pulls hang now and then, with no timeout.
                     assert not ours, f"{verb} hung"

@@ -279,9 +279,12 @@ def test_find_keyring_order(tmp_path):
 
 
 def test_default_keyrings():
-    assert DEFAULT_KEYRINGS == ("/etc/systemd/import-pubring.gpg",
-                                "/usr/lib/systemd/import-pubring.gpg",
-                                "/usr/lib/systemd/import-pubring.pgp")
+    """The admin's keyring first, by systemd 262's name (.pgp) and 252's
+    (.gpg), then the vendor's."""
+    assert DEFAULT_KEYRINGS == ("/etc/systemd/import-pubring.pgp",
+                                "/etc/systemd/import-pubring.gpg",
+                                "/usr/lib/systemd/import-pubring.pgp",
+                                "/usr/lib/systemd/import-pubring.gpg")
 
 
 VENDOR = "/usr/lib/systemd/import-pubring.gpg"
@@ -289,7 +292,7 @@ VENDOR = "/usr/lib/systemd/import-pubring.gpg"
 
 @pytest.mark.skipif(not os.path.exists(VENDOR), reason="no vendor import keyring on this machine")
 def test_vendor_keyring_loads(tmp_path):
-    if not os.path.exists("/etc/systemd/import-pubring.gpg"):
+    if not any(os.path.exists(f"/etc/systemd/import-pubring.{ext}") for ext in ("pgp", "gpg")):
         assert find_keyring() == VENDOR
     home = tmp_path / "gh"
     home.mkdir(mode=0o700)

@@ -20,6 +20,7 @@ from it is bounded and checked before use.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -44,16 +45,16 @@ def read_raw_metadata(path: str, timeout: float = 60) -> ImageMetadata:
     image 'PATH': reason") when the image cannot be dissected or mounted, or
     the helper does not finish within TIMEOUT seconds (it is then killed)."""
 
-    def fail(reason: str) -> MetadataError:
+    def fail(reason: str, code: int = errno.EIO) -> MetadataError:
         reason = " ".join(reason.split()) or "unknown error"
-        return MetadataError(f"Failed to dissect image '{path}': {reason}")
+        return MetadataError(f"Failed to dissect image '{path}': {reason}", code)
 
     try:
         st = os.stat(path)
     except OSError as e:
-        raise fail(e.strerror or str(e)) from None
+        raise fail(e.strerror or str(e), e.errno or errno.EIO) from None
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-        raise fail("Not a regular file or block device")
+        raise fail("Not a regular file or block device", errno.EBADFD)
 
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
@@ -71,7 +72,7 @@ def read_raw_metadata(path: str, timeout: float = 60) -> ImageMetadata:
                 returncode = child.returncode
                 errlines = child.tail
         except spawn.Timeout:
-            raise fail(f"Timed out after {timeout:g} s") from None
+            raise fail(f"Timed out after {timeout:g} s", errno.ETIMEDOUT) from None
         except OSError as e:
             raise fail(f"Failed to start helper: {e.strerror or e}") from None
     finally:
@@ -90,7 +91,8 @@ def read_raw_metadata(path: str, timeout: float = 60) -> ImageMetadata:
         except ValueError as e:
             raise fail(f"Malformed helper output: {e}") from None
     if isinstance(result, dict) and isinstance(result.get("error"), str):
-        raise fail(result["error"])
+        code = result.get("errno")
+        raise fail(result["error"], code if isinstance(code, int) and 0 < code < 4096 else errno.EIO)
     if errlines:
         raise fail(errlines[-1])
     if returncode < 0:

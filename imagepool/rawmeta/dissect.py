@@ -169,9 +169,9 @@ def _mount_range(stack: contextlib.ExitStack, fd: int, offset: int, size: int,
         stack.callback(loop.close)
     fstype = probe_fstype(loop.path)
     if fstype is None:
-        raise DissectError(f"No file system found on {what}")
+        raise DissectError(f"No file system found on {what}", errno.ENOPKG)
     if fstype not in FILE_SYSTEMS:
-        raise DissectError(f"Unsupported file system '{fstype}' on {what}")
+        raise DissectError(f"Unsupported file system '{fstype}' on {what}", errno.EPROTONOSUPPORT)
     driver, option_sets = FILE_SYSTEMS[fstype]
     flags = _MS_RDONLY | _MS_NODEV | _MS_NOSUID | _MS_NOEXEC
     error: OSError | None = None
@@ -184,7 +184,7 @@ def _mount_range(stack: contextlib.ExitStack, fd: int, offset: int, size: int,
         stack.callback(_umount, target)
         return
     assert error is not None
-    raise DissectError(f"Failed to mount {fstype} file system of {what}: {error.strerror}")
+    raise DissectError(f"Failed to mount {fstype} file system of {what}: {error.strerror}", error.errno or errno.EIO)
 
 
 def _mount_usr(stack: contextlib.ExitStack, fd: int, usr: Partition, root: str, name: str) -> None:
@@ -209,14 +209,14 @@ def dissect_and_read(path: str, mountpoint: str) -> ImageMetadata:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
     except OSError as e:
-        raise DissectError(e.strerror) from None
+        raise DissectError(e.strerror or str(e), e.errno or errno.EIO) from None
     try:
         st = os.fstat(fd)
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-            raise DissectError("Not a regular file or block device")
+            raise DissectError("Not a regular file or block device", errno.EBADFD)
         size = _device_size(fd)
         if size == 0:
-            raise DissectError("Image is empty")
+            raise DissectError("Image is empty", errno.ENOPKG)
         sector_sizes = SECTOR_SIZES
         if stat.S_ISBLK(st.st_mode):
             with contextlib.suppress(OSError):
@@ -234,7 +234,7 @@ def dissect_and_read(path: str, mountpoint: str) -> ImageMetadata:
                 whole.close()
                 table = read_mbr(fd, size)
                 if table is None:
-                    raise DissectError("No partition table or file system found")
+                    raise DissectError("No partition table or file system found", errno.ENOPKG)
             root, usr = select_partitions(table)
             for p in (root, usr):
                 if p is not None and p.offset + p.size > size:
@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         result: dict[str, Any] = metadata_to_json(dissect_and_read(args.path, mountpoint))
         rc = 0
     except DissectError as e:
-        result, rc = {"error": str(e)}, 1
+        result, rc = {"error": str(e), "errno": e.errno}, 1
     except OSError as e:
         where = f": {e.filename}" if e.filename else ""
         result, rc = {"error": f"{e.strerror or e}{where}"}, 1

@@ -5,6 +5,7 @@ every size, count and offset read from it is bounded and checked."""
 
 from __future__ import annotations
 
+import errno
 import os
 import platform
 import re
@@ -101,7 +102,13 @@ def host_architectures(machine: str | None = None, byteorder: str | None = None)
 
 
 class DissectError(Exception):
-    """The image cannot be dissected; the message is the reason (one line)."""
+    """The image cannot be dissected; the message is the reason (one line),
+    ERRNO the error systemd's dissection has for it (EUCLEAN: a damaged or
+    contradictory partition table)."""
+
+    def __init__(self, message: str, code: int = errno.EUCLEAN) -> None:
+        super().__init__(message)
+        self.errno = code
 
 
 @dataclass(frozen=True)
@@ -296,9 +303,9 @@ def select_partitions(
     if table.kind == "dos":
         linux = [p for p in table.partitions if p.type == MBR_LINUX]
         if len(linux) > 1:
-            raise DissectError("Multiple Linux partitions found, none of them marked as root")
+            raise DissectError("Multiple Linux partitions found, none of them marked as root", errno.ENOTUNIQ)
         if not linux:
-            raise DissectError("No root partition found (no Linux partition in the DOS partition table)")
+            raise DissectError("No root partition found (no Linux partition in the DOS partition table)", errno.ENXIO)
         return linux[0], None
 
     best: dict[tuple[str, str], Partition] = {}
@@ -341,4 +348,4 @@ def select_partitions(
             f"No root partition for architecture {native} found "
             f"(only for: {', '.join(sorted(foreign))})"
         )
-    raise DissectError("No root partition found")
+    raise DissectError("No root partition found", errno.ENXIO)

@@ -17,7 +17,7 @@ from imagepool import dbus
 from imagepool.authz import IMPORT1
 from importd import manager as domain
 from importd.dbus.transfer import TransferObject, transfer_object_path
-from importd.manager import FLAG_FORCE, FLAG_PULL_KEEP_DOWNLOAD, FLAG_READ_ONLY, ImportManager
+from importd.manager import FLAG_FORCE, FLAG_PULL_KEEP_DOWNLOAD, FLAG_PULL_OCI_FLATTEN, FLAG_READ_ONLY, ImportManager
 from importd.transfer import Transfer, TransferType
 
 PATH = "/org/freedesktop/import1"
@@ -86,13 +86,15 @@ class ImportManagerObject(DbusInterfaceCommonAsync, interface_name=INTERFACE):
     @dbus.method("sssb", "uo", "PullTar", ["url", "local_name", "verify_mode", "force"],
                  ["transfer_id", "transfer_path"])
     async def pull_tar(self, url: str, local_name: str, verify_mode: str, force: bool) -> Started:
-        flags = FLAG_PULL_KEEP_DOWNLOAD | (FLAG_FORCE if force else 0)
+        # No pristine copy of the download is kept (systemd 262; 252 kept one):
+        # importctl asks for one with PullTarEx.
+        flags = FLAG_FORCE if force else 0
         return await self._pull(TransferType.PULL_TAR, url, local_name, "machine", verify_mode, flags)
 
     @dbus.method("sssb", "uo", "PullRaw", ["url", "local_name", "verify_mode", "force"],
                  ["transfer_id", "transfer_path"])
     async def pull_raw(self, url: str, local_name: str, verify_mode: str, force: bool) -> Started:
-        flags = FLAG_PULL_KEEP_DOWNLOAD | (FLAG_FORCE if force else 0)
+        flags = FLAG_FORCE if force else 0  # no kept download, as PullTar
         return await self._pull(TransferType.PULL_RAW, url, local_name, "machine", verify_mode, flags)
 
     @dbus.method("sssst", "uo", "PullTarEx", ["url", "local_name", "class", "verify_mode", "flags"],
@@ -106,6 +108,19 @@ class ImportManagerObject(DbusInterfaceCommonAsync, interface_name=INTERFACE):
     async def pull_raw_ex(self, url: str, local_name: str, image_class: str, verify_mode: str,
                           flags: int) -> Started:
         return await self._pull(TransferType.PULL_RAW, url, local_name, image_class, verify_mode, flags, ex=True)
+
+    @dbus.method("ssst", "uo", "PullOci", ["ref", "local_name", "class", "flags"], ["transfer_id", "transfer_path"])
+    async def pull_oci(self, ref: str, local_name: str, image_class: str, flags: int) -> Started:
+        """systemd 262's PullOci; REF may also be oci:/oci-archive:/docker-archive:PATH (offline), and the
+        flags take FLAG_PULL_OCI_FLATTEN besides force and read-only."""
+        await dbus.authorize(PULL, {"remote": ref, "local": local_name, "class": image_class, "verify": "no"})
+        domain.check_class(image_class)
+        domain.check_flags(flags, FLAG_FORCE | FLAG_READ_ONLY | FLAG_PULL_OCI_FLATTEN)
+        domain.check_oci_pull(ref, local_name)
+        transfer = await self.manager.start_pull_oci(ref, local_name, image_class, force=bool(flags & FLAG_FORCE),
+                                                     read_only=bool(flags & FLAG_READ_ONLY),
+                                                     flatten=bool(flags & FLAG_PULL_OCI_FLATTEN))
+        return self._started(transfer)
 
     # --- imports -------------------------------------------------------------------
 

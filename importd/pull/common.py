@@ -14,6 +14,7 @@ from imagepool.image import Pool
 from imagepool.names import image_name_is_valid
 from importd import verify
 from importd.context import TransferError
+from importd.fileurl import file_url_is_valid
 from importd.http import HttpOptions, valid_etag
 from importd.local import DEFAULT_MAX_IMAGE_SIZE
 
@@ -47,6 +48,9 @@ class PullRequest:
 
 
 def url_is_valid(url: str) -> bool:
+    """http://, https:// and (as systemd 262) file:// URLs."""
+    if url.startswith("file:"):
+        return file_url_is_valid(url)
     try:
         parts = urlsplit(url)
     except ValueError:

@@ -50,7 +50,7 @@ def download(ctx: JobContext, http: Http, req: PullRequest, pool: Pool,
         tree.remove_path(tmp + ".qcow2")
         if isinstance(e, HttpError):
             ctx.log(str(e))
-            raise TransferError("Failed to retrieve image file.") from None
+            raise TransferError("Failed to retrieve image file. (Wrong URL?)") from None
         raise
     if info.not_modified:
         tree.remove_path(tmp)
@@ -160,11 +160,12 @@ def _stream_into(ctx: JobContext, http: Http, req: PullRequest, tmp: str, etags:
                 thread.join(0.25)
                 ctx.check()
             if "error" not in result:
-                ctx.log(f"Acquired {format_bytes(direct[0].finish(ctx, tmp, limit))}.")
+                direct[0].finish(ctx, tmp, limit)
+                ctx.log(f"Acquired {format_bytes(_size(result))} for {req.url}.")
         elif downloaded:
-            acquired = _unpack(ctx, req, read_fd, tmp, limit)
+            _unpack(ctx, req, read_fd, tmp, limit)
             if "error" not in result:
-                ctx.log(f"Acquired {format_bytes(acquired)}.")
+                ctx.log(f"Acquired {format_bytes(_size(result))} for {req.url}.")
     except BaseException:
         http._interrupt()
         os.close(read_fd)
@@ -196,3 +197,9 @@ def _unpack(ctx: JobContext, req: PullRequest, read_fd: int, tmp: str, limit: in
         tree.make_tree_dir(tmp)
         return unpack_tar(quiet, read_fd, tmp, limit)
     return write_image(quiet, read_fd, tmp, limit, writeback=req.sync)
+
+
+def _size(result: dict[str, object]) -> int:
+    """The bytes the download thread received."""
+    info = result.get("info")
+    return info.size if isinstance(info, Download) else 0

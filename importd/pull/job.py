@@ -46,9 +46,10 @@ log = logging.getLogger(__name__)
 def pull(ctx: JobContext, req: PullRequest, pool: Pool) -> None:
     name = req.local or local_name_from_url(req.url, req.kind)
     req.local = name
-    ctx.log(f"Pulling '{req.url}', saving as '{name}'.")
     if not req.force and pool.exists(name):
         raise TransferError(f"Image '{name}' already exists.")
+    ctx.log(f"Pulling '{req.url}', saving as '{name}'.")
+    ctx.log(f"Operating on image directory '{pool.path}'.")
     with exiting_on_failure(ctx):
         _pull(ctx, req, pool, name)
     ctx.progress(1.0)
@@ -68,7 +69,8 @@ def _pull(ctx: JobContext, req: PullRequest, pool: Pool, name: str) -> None:
                     sums = verify.verify_cleartext(ctx, sums).encode("utf-8", "surrogateescape")
                 else:
                     verify.verify_signature(ctx, sums, _fetch_signature(http, sums_url))
-        ctx.progress(0.02)
+        # No progress before the first bytes of the image (as systemd-pull:
+        # a pull that fails to start reports none).
         cache, info = download(ctx, http, req, pool, lambda f: ctx.progress(0.02 + f * (weight - 0.05)))
         try:
             if not info.not_modified and sums is not None:

@@ -31,12 +31,12 @@ C = DbusPropertyConstFlag
 PROPERTIES = [
     ("Name", "s", "name", C), ("Id", "ay", "id", C), ("Timestamp", "t", "timestamp", C),
     ("TimestampMonotonic", "t", "timestamp_monotonic", C), ("Service", "s", "service", C), ("Unit", "s", "unit", C),
-    ("Scope", "s", "unit", C | DbusHiddenFlag), ("Leader", "u", "leader", C), ("Class", "s", "machine_class", C),
-    ("RootDirectory", "s", "root_directory", C), ("NetworkInterfaces", "ai", "netif", C),
+    ("Scope", "s", "unit", C | DbusHiddenFlag), ("Subgroup", "s", "subgroup", C), ("Leader", "u", "leader", C),
     ("LeaderPIDFDId", "t", "leader_pidfd_id", C), ("Supervisor", "u", "supervisor", C),
-    ("SupervisorPIDFDId", "t", "supervisor_pidfd_id", C), ("VSockCID", "u", "vsock_cid", C),
-    ("SSHAddress", "s", "ssh_address", C), ("SSHPrivateKeyPath", "s", "ssh_private_key_path", C),
-    ("State", "s", "state", 0),
+    ("SupervisorPIDFDId", "t", "supervisor_pidfd_id", C), ("Class", "s", "machine_class", C),
+    ("RootDirectory", "s", "root_directory", C), ("NetworkInterfaces", "ai", "netif", C),
+    ("VSockCID", "u", "vsock_cid", C), ("SSHAddress", "s", "ssh_address", C),
+    ("SSHPrivateKeyPath", "s", "ssh_private_key_path", C), ("State", "s", "state", 0), ("UID", "u", "uid", C),
 ]
 
 
@@ -62,7 +62,7 @@ class MachineObject(DbusInterfaceCommonAsync, interface_name=INTERFACE):
 
     @dbus.method("", "a(iay)", "GetAddresses", result_names=["addresses"])
     async def get_addresses(self) -> list[tuple[int, bytes]]:
-        return await self.manager.get_addresses(self.machine)
+        return await get_addresses(self.manager, self.machine)
 
     @dbus.method("", "ss", "GetSSHInfo", result_names=["ssh_address", "ssh_private_key_path"])
     async def get_ssh_info(self) -> tuple[str, str]:
@@ -155,6 +155,10 @@ async def kill(manager: MachineManager, m: Machine, whom: str, signo: int) -> No
     ops.check_kill(whom, signo)
     await dbus.authorize(MANAGE_MACHINES, _details(m, "kill"))
     await manager.kill(m, whom, signo)
+
+
+async def get_addresses(manager: MachineManager, m: Machine) -> list[tuple[int, bytes]]:
+    return [(family, address) for _ifindex, family, address in await manager.get_addresses(m)]
 
 
 def _host_or(m: Machine, action: str) -> str:

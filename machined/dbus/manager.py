@@ -138,7 +138,7 @@ class ManagerObject(DbusInterfaceCommonAsync, interface_name=INTERFACE):
 
     @dbus.method("s", "a(iay)", "GetMachineAddresses", ["name"], ["addresses"])
     async def get_machine_addresses(self, name: str) -> list[tuple[int, bytes]]:
-        return await self.machines.get_addresses(self.machines.get(name))
+        return await machine_dbus.get_addresses(self.machines, self.machines.get(name))
 
     @dbus.method("s", "ss", "GetMachineSSHInfo", ["name"], ["ssh_address", "ssh_private_key_path"])
     async def get_machine_ssh_info(self, name: str) -> tuple[str, str]:

@@ -40,7 +40,7 @@ def _align4(n: int) -> int:
     return (n + 3) & ~3
 
 
-def _dump_addresses(sock: socket.socket) -> list[tuple[int, bytes]]:
+def _dump_addresses(sock: socket.socket) -> list[tuple[int, int, bytes]]:
     """systemd's local_addresses(NULL, 0, AF_UNSPEC): every address except
     deprecated ones and those of host or nowhere scope (so no loopback),
     IPv4 first, then by scope, interface index and address."""
@@ -90,7 +90,7 @@ def _dump_addresses(sock: socket.socket) -> list[tuple[int, bytes]]:
                 continue
             found.append((family, scope, ifindex, address))
     found.sort(key=lambda a: (0 if a[0] == socket.AF_INET else 1, a[1], a[2], a[3]))
-    return [(family, address) for family, _scope, _ifindex, address in found]
+    return [(ifindex, family, address) for family, _scope, ifindex, address in found]
 
 
 def _netlink_socket() -> socket.socket:
@@ -120,7 +120,8 @@ def _netlink_socket_in(netns_fd: int) -> socket.socket:
     return result["sock"]  # type: ignore[return-value]
 
 
-def get_addresses(m: Machine) -> list[tuple[int, bytes]]:
+def get_addresses(m: Machine) -> list[tuple[int, int, bytes]]:
+    """(ifindex, family, address bytes) of each address of the machine."""
     if m.is_host:
         with _netlink_socket() as sock:
             return _dump_addresses(sock)

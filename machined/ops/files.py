@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from imagepool.errors import NotSupported, PoolError
+from imagepool.errors import NoOSRelease, NotSupported
 from imagepool.metadata import parse_env_file, read_os_release
 from machined.machine import Machine, MachineClass
 from machined.ops.leader import leader_root, oserror
@@ -28,7 +28,7 @@ def get_os_release(m: Machine) -> dict[str, str]:
     finally:
         os.close(root)
     if text is None:
-        raise PoolError("Machine does not contain OS release information")
+        raise NoOSRelease("Machine does not contain OS release information")
     return parse_env_file(text)
 
 

@@ -9,7 +9,18 @@ import errno
 import logging
 from collections.abc import Iterable
 
-from imagepool.errors import Errno, InvalidArgs, NoSuchGroupMapping, NoSuchUserMapping, NotSupported, PoolError
+from imagepool.errors import (
+    Errno,
+    GroupInHostRange,
+    InvalidArgs,
+    InvalidForMachine,
+    NoSuchGroupMapping,
+    NoSuchUserMapping,
+    NotSupported,
+    NoUIDShift,
+    PoolError,
+    UserInHostRange,
+)
 from machined.machine import Machine, MachineClass
 from machined.ops.leader import Leader, check_container, oserror
 
@@ -112,7 +123,7 @@ def get_uid_shift(m: Machine) -> int:
         return uid_shift(m)
     except Errno as e:
         if e.errno == errno.ENXIO:
-            raise NotSupported(f"Machine {m.name} uses a complex UID/GID mapping, cannot determine shift") from None
+            raise NoUIDShift(f"Machine {m.name} uses a complex UID/GID mapping, cannot determine shift") from None
         raise
 
 
@@ -124,7 +135,7 @@ def map_from_machine(m: Machine, kind: str, inner: int) -> int:
     word, _, _ = _WORDS[kind]
     if not uid_is_valid(inner):
         raise InvalidArgs(f"Invalid {word} ID {inner}")
-    check_container(m, InvalidArgs("Not supported for non-container machines."))
+    check_container(m, InvalidForMachine("Not supported for non-container machines."))
     outer = outer_of(id_map(m, kind), inner)
     if outer is None:
         # (systemd answers a group too with NoSuchUserMapping, not ...Group...)
@@ -161,7 +172,8 @@ def map_to_machine(machines: Iterable[Machine], kind: str, outer: int) -> tuple[
     if not uid_is_valid(outer):
         raise InvalidArgs(f"Invalid {word} ID {outer}")
     if outer < HOST_ID_RANGE:
-        raise error(f"{title} {outer} belongs to host {short} range")
+        in_host_range = UserInHostRange if kind == "uid" else GroupInHostRange
+        raise in_host_range(f"{title} {outer} belongs to host {short} range")
     found = find_machine_for(machines, kind, outer)
     if found is None:
         raise error(f"No matching {word} mapping for {outer}.")

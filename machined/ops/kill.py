@@ -128,7 +128,7 @@ def _kill_leader(m: Machine, signo: int) -> None:
 
 def check_kill(whom: str, signo: int) -> None:
     """KillMachine's argument checks (before polkit's)."""
-    if whom not in ("", "all", "leader"):
+    if whom not in ("", "all", "leader", "supervisor"):
         raise InvalidArgs(f"Invalid kill parameter '{whom}'")
     if not 0 < signo < _NSIG:
         raise InvalidArgs(f"Invalid signal {signo}")
@@ -138,6 +138,20 @@ def kill(m: Machine, whom: str, signo: int) -> None:
     check_kill(whom, signo)
     if m.is_host:
         raise Errno(errno.EOPNOTSUPP)
+    if whom == "supervisor":
+        if not m.supervisor:
+            raise Errno(errno.ESRCH)
+        try:
+            fd = os.pidfd_open(m.supervisor)
+        except OSError as e:
+            raise oserror(e) from None
+        try:
+            signal.pidfd_send_signal(fd, signo)
+        except OSError as e:
+            raise oserror(e) from None
+        finally:
+            os.close(fd)
+        return
     if whom == "leader":
         _kill_leader(m, signo)
         return

@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from imagepool.errors import Errno, InvalidArgs, NotSupported, PoolError, RemoteError
+from imagepool.errors import Errno, InvalidArgs, NoIPC, NotSupported, PoolError, RemoteError
 from imagepool.metadata import read_file_in_root
 from imagepool.syscalls import open_in_root
 from machined import nsexec
@@ -231,7 +231,7 @@ def _systemd_request(m: Machine, request: dict[str, Any], fds: list[int]) -> Non
     try:
         os.close(open_in_root(root, "/run/dbus/system_bus_socket", os.O_PATH))
     except FileNotFoundError:
-        raise Errno(errno.ENOENT, f"There is no system bus in container {m.name}.") from None
+        raise NoIPC(f"There is no system bus in container {m.name}.") from None
     except OSError as e:
         raise oserror(e) from None
 
