@@ -123,7 +123,8 @@ def import_raw(ctx: JobContext, fd: int, pool: Pool, name: str, force: bool, rea
 
 def write_image(ctx: JobContext, fd: int, path: str, limit: int, writeback: bool = False) -> int:
     """The raw image read from FD (compressed, qcow2 or plain), written
-    sparse to the new file PATH; returns its size."""
+    sparse to the new file PATH; returns its size.  On failure PATH is
+    removed again."""
     if _input_size(fd) is not None and qcow2.is_qcow2(os.pread(fd, QCOW2_HEAD, 0)):
         # An uncompressed qcow2 file: convert straight from it.
         return convert_qcow2(ctx, fd, path, limit)
@@ -131,8 +132,16 @@ def write_image(ctx: JobContext, fd: int, path: str, limit: int, writeback: bool
     try:
         size = write_raw(ctx, fd, out, limit, writeback)
         return size if size is not None else convert_qcow2_in_place(ctx, out, path, limit)
+    except BaseException:
+        _remove_quietly(path)
+        raise
     finally:
         os.close(out)
+
+
+def _remove_quietly(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 def convert_qcow2_in_place(ctx: JobContext, qcow_fd: int, path: str, limit: int) -> int:
@@ -182,6 +191,9 @@ def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
 
 
 def convert_qcow2(ctx: JobContext, qcow_fd: int, raw_path: str, limit: int) -> int:
+    """The raw image of the qcow2 file QCOW_FD, written to the new file
+    RAW_PATH, which is removed again if the image is refused (Qcow2Error) or
+    the conversion fails."""
     ctx.log("Unpacking QCOW2 file.")
     out = os.open(raw_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:
@@ -190,7 +202,11 @@ def convert_qcow2(ctx: JobContext, qcow_fd: int, raw_path: str, limit: int) -> i
 
         return qcow2.convert_to_raw(qcow_fd, out, cancel=ctx.cancel, progress=progress, max_size=limit)
     except qcow2.Canceled:
+        _remove_quietly(raw_path)
         raise Canceled() from None
+    except BaseException:
+        _remove_quietly(raw_path)
+        raise
     finally:
         os.close(out)
 

@@ -9,9 +9,14 @@ need more than the file itself are refused: a backing file, encryption, an
 external data file; so are extended L2 entries and any incompatible feature
 we don't know.  Snapshots are ignored: only the active L1 table is converted.
 
-The input is hostile: every offset is checked against the file, the L1 table
-is read only as far as the virtual size needs, no cluster decompresses to
-more than one cluster, the work is bounded by the virtual size (itself capped)
+The input is hostile.  Every header field is checked against the
+specification (qemu's docs/interop/qcow2.txt), qemu's own limits and the
+file: the L1, refcount and snapshot tables must be cluster-aligned, no larger
+than qemu allows, within the file and clear of the header cluster (and the
+L1 and refcount tables of each other); no L2 table or guest cluster may lie
+in the header, the L1 or the refcount table.  The L1 table is read only as
+far as the virtual size needs, no cluster decompresses to more than one
+cluster, the work is bounded by the virtual size (itself capped)
 and memory by a few batches of at most ``_CHUNK`` of the disk (one L2 table
 and one small read-ahead window besides).  Any malformed image gives a
 ``Qcow2Error``.  The output is written sparsely: unallocated, zero-flagged
@@ -68,7 +73,12 @@ _OFLAG_ZERO = 1 << 0
 _OFFSET_MASK = 0x00FF_FFFF_FFFF_FE00  # bits 9..55 of L1 and standard L2 entries
 
 _MIN_CLUSTER_BITS = 9
-_MAX_CLUSTER_BITS = 21
+_MAX_CLUSTER_BITS = 21  # qemu's limit (2 MiB clusters), as systemd's qcow2-util
+_MAX_REFCOUNT_ORDER = 6  # 64-bit refcounts
+_MAX_L1_ENTRIES = (32 << 20) // 8  # qemu's QCOW_MAX_L1_SIZE, 32 MiB of entries
+_MAX_REFCOUNT_TABLE = 8 << 20  # qemu's QCOW_MAX_REFTABLE_SIZE
+_MAX_SNAPSHOTS = 65536  # qemu's QCOW_MAX_SNAPSHOTS
+_SNAPSHOT_HEADER = 40  # the fixed part of a snapshot table entry
 _SECTOR = 512
 
 _CHUNK = 2 << 20  # the virtual disk handled per worker task
@@ -102,16 +112,19 @@ def is_qcow2(head: bytes) -> bool:
 
 
 class _Header:
-    __slots__ = ("version", "cluster_bits", "size", "l1_size", "l1_offset", "compression")
+    __slots__ = ("version", "cluster_bits", "size", "l1_size", "l1_offset", "compression", "metadata")
 
     def __init__(self, version: int, cluster_bits: int, size: int, l1_size: int, l1_offset: int,
-                 compression: int) -> None:
+                 compression: int, metadata: tuple[tuple[int, int, str], ...]) -> None:
         self.version = version
         self.cluster_bits = cluster_bits
         self.size = size
-        self.l1_size = l1_size
+        self.l1_size = l1_size  # the entries the virtual size needs (the table may have more)
         self.l1_offset = l1_offset
         self.compression = compression
+        # (start, end, name) of the header cluster, the L1 table and the
+        # refcount table: no L2 table or guest data may be there.
+        self.metadata = metadata
 
 
 def _pread_header(fd: int, file_size: int) -> bytes:
@@ -122,7 +135,14 @@ def _pread_header(fd: int, file_size: int) -> bytes:
     return data
 
 
+def _overlap(start: int, end: int, a: int, b: int) -> bool:
+    return start < b and a < end
+
+
 def _parse_header(fd: int, file_size: int, max_size: int) -> _Header:
+    """Every field of the header, checked against the specification
+    (docs/interop/qcow2.txt), qemu's limits and the file: whatever we would
+    read through it lies within the file and clear of the header."""
     data = _pread_header(fd, file_size)
     if len(data) < _HEADER_V2.size:
         raise Qcow2Error("qcow2 header truncated")
@@ -136,22 +156,31 @@ def _parse_header(fd: int, file_size: int, max_size: int) -> _Header:
         crypt_method,
         l1_size,
         l1_offset,
-        _refcount_table_offset,
-        _refcount_table_clusters,
-        _nb_snapshots,
-        _snapshots_offset,
+        refcount_table_offset,
+        refcount_table_clusters,
+        nb_snapshots,
+        snapshots_offset,
     ) = _HEADER_V2.unpack_from(data)
     if version not in (2, 3):
         raise Qcow2Error(f"qcow2 version {version} not supported")
+    if not _MIN_CLUSTER_BITS <= cluster_bits <= _MAX_CLUSTER_BITS:
+        raise Qcow2Error(f"qcow2 cluster_bits {cluster_bits} not supported")
+    cluster_size = 1 << cluster_bits
 
     compression = _COMPRESSION_ZLIB
     if version == 3:
         if len(data) < _HEADER_V3_LENGTH:
             raise Qcow2Error("qcow2 header truncated")
-        incompatible, _compatible, _autoclear, _refcount_order, header_length = _HEADER_V3.unpack_from(
+        incompatible, _compatible, _autoclear, refcount_order, header_length = _HEADER_V3.unpack_from(
             data, _HEADER_V2.size)
         if header_length < _HEADER_V3_LENGTH:
-            raise Qcow2Error(f"qcow2 header length {header_length} invalid")
+            raise Qcow2Error(f"qcow2 header length {header_length} invalid (at least {_HEADER_V3_LENGTH})")
+        if header_length % 8:
+            raise Qcow2Error(f"qcow2 header length {header_length} invalid (not a multiple of 8)")
+        if header_length > cluster_size:
+            raise Qcow2Error(f"qcow2 header length {header_length} exceeds the cluster size {cluster_size}")
+        if refcount_order > _MAX_REFCOUNT_ORDER:
+            raise Qcow2Error(f"qcow2 refcount_order {refcount_order} invalid (at most {_MAX_REFCOUNT_ORDER})")
         if header_length > _HEADER_V3_LENGTH:
             if len(data) <= _HEADER_V3_LENGTH:
                 raise Qcow2Error("qcow2 header truncated")
@@ -159,8 +188,6 @@ def _parse_header(fd: int, file_size: int, max_size: int) -> _Header:
     else:
         incompatible = 0
 
-    if not _MIN_CLUSTER_BITS <= cluster_bits <= _MAX_CLUSTER_BITS:
-        raise Qcow2Error(f"qcow2 cluster_bits {cluster_bits} not supported")
     if backing_file_offset != 0:
         raise Qcow2Error("qcow2 image has a backing file, refusing")
     if crypt_method != 0:
@@ -182,19 +209,58 @@ def _parse_header(fd: int, file_size: int, max_size: int) -> _Header:
 
     if size > max_size:
         raise Qcow2Error(f"qcow2 virtual size {size} exceeds the limit of {max_size} bytes")
-    cluster_size = 1 << cluster_bits
+    header_cluster = (0, cluster_size, "the header")
+
+    # The active L1 table.  It may have more entries than the virtual size
+    # needs (qemu leaves them after shrinking an image, or after saving VM
+    # state); only those needed are read, but all must be in the file, as
+    # qemu writes them.
     l2_cover = cluster_size * (cluster_size // 8)
     l1_needed = -(-size // l2_cover)
+    if l1_size > _MAX_L1_ENTRIES:
+        raise Qcow2Error(f"qcow2 L1 table too large ({l1_size} entries, at most {_MAX_L1_ENTRIES})")
     if l1_size < l1_needed:
         raise Qcow2Error("qcow2 L1 table too small for the virtual size")
-    if l1_needed:
-        if l1_offset & (cluster_size - 1):
-            raise Qcow2Error("qcow2 L1 table offset not cluster-aligned")
+    if l1_offset & (cluster_size - 1):
+        raise Qcow2Error("qcow2 L1 table offset not cluster-aligned")
+    l1_end = l1_offset + l1_size * 8
+    if l1_size:
         if l1_offset == 0:
             raise Qcow2Error("qcow2 L1 table overlaps the header")
-        if l1_offset + l1_needed * 8 > file_size:
+        if l1_end > file_size:
             raise Qcow2Error("qcow2 L1 table offset beyond end of file")
-    return _Header(version, cluster_bits, size, l1_needed, l1_offset, compression)
+    l1_table = (l1_offset, -(-l1_end // cluster_size) * cluster_size, "the L1 table")
+
+    # The refcount table: never read, but qemu won't open an image without
+    # a sound one, and no L1, L2 table or data may be inside it.
+    if refcount_table_clusters == 0:
+        raise Qcow2Error("qcow2 image has no refcount table")
+    if refcount_table_offset & (cluster_size - 1):
+        raise Qcow2Error("qcow2 refcount table offset not cluster-aligned")
+    if refcount_table_clusters * cluster_size > _MAX_REFCOUNT_TABLE:
+        raise Qcow2Error(f"qcow2 refcount table too large ({refcount_table_clusters} clusters)")
+    if refcount_table_offset == 0:
+        raise Qcow2Error("qcow2 refcount table overlaps the header")
+    refcount_end = refcount_table_offset + refcount_table_clusters * cluster_size
+    if refcount_end > file_size:
+        raise Qcow2Error("qcow2 refcount table beyond end of file")
+    if l1_size and _overlap(l1_offset, l1_end, refcount_table_offset, refcount_end):
+        raise Qcow2Error("qcow2 L1 table overlaps the refcount table")
+    refcount_table = (refcount_table_offset, refcount_end, "the refcount table")
+
+    # Snapshots are not converted, but their table must be sound too.
+    if nb_snapshots > _MAX_SNAPSHOTS:
+        raise Qcow2Error(f"qcow2 image has too many snapshots ({nb_snapshots})")
+    if snapshots_offset & (cluster_size - 1):
+        raise Qcow2Error("qcow2 snapshot table offset not cluster-aligned")
+    if nb_snapshots:
+        if snapshots_offset == 0:
+            raise Qcow2Error("qcow2 snapshot table overlaps the header")
+        if snapshots_offset + nb_snapshots * _SNAPSHOT_HEADER > file_size:
+            raise Qcow2Error("qcow2 snapshot table beyond end of file")
+
+    return _Header(version, cluster_bits, size, l1_needed, l1_offset, compression,
+                   (header_cluster, l1_table, refcount_table) if l1_size else (header_cluster, refcount_table))
 
 
 def _be64_array(data: bytes | bytearray) -> array[int]:
@@ -292,6 +358,8 @@ class _Converter:
         # Non-compressed entries extend a run only when these bits are exactly
         # the next host offset: not compressed, not zero-flagged.
         self.run_mask = _OFFSET_MASK | _OFLAG_COMPRESSED | _OFLAG_ZERO
+        # Past this, nothing of the image can overlap its metadata.
+        self.metadata_end = max(end for _start, end, _name in header.metadata)
 
         # Compressed cluster descriptor: offset bits, then sector count.
         self.csize_shift = 62 - (bits - 8)
@@ -394,6 +462,8 @@ class _Converter:
                         raise Qcow2Error("qcow2 L2 table offset not cluster-aligned")
                     if l2_offset + self.cs > self.file_size:
                         raise Qcow2Error("qcow2 L2 table offset beyond end of file")
+                    if l2_offset < self.metadata_end:
+                        self.check_clear(l2_offset, l2_offset + self.cs, "L2 table")
                     self.convert_l2(start, l2_offset)
                 self.tick(min(start + self.l2_cover, self.size))
         self.flush_data()
@@ -446,9 +516,18 @@ class _Converter:
             while j < limit and following < file_size and entries[j] & run_mask == following:
                 j += 1
                 following += cs
+            if offset < self.metadata_end:
+                self.check_clear(offset, following, "data cluster")
             self.add_data(start + k * cs, offset, j - k)
             k = j
             self.tick(start + k * cs)
+
+    def check_clear(self, start: int, end: int, what: str) -> None:
+        """[start, end) of the image, an L2 table or guest data, must not be
+        in the header, the L1 table or the refcount table."""
+        for a, b, name in self.h.metadata:
+            if start < b and a < end:
+                raise Qcow2Error(f"qcow2 {what} overlaps {name}")
 
     def add_data(self, virtual: int, offset: int, count: int) -> None:
         """Read ``count`` clusters, contiguous in the image, into the batch."""
@@ -508,6 +587,8 @@ class _Converter:
         offset = entry & self.coffset_mask
         sectors = ((entry >> self.csize_shift) & self.csize_mask) + 1
         length = sectors * _SECTOR - (offset & (_SECTOR - 1))
+        if offset < self.metadata_end:
+            self.check_clear(offset, offset + length, "compressed cluster")
         self.compressed.append((virtual, self.read_compressed(offset, length)))
         if len(self.compressed) >= self.compressed_max:
             self.flush_compressed()

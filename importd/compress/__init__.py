@@ -1,6 +1,6 @@
 """Compression for transfers: detecting the format of an image
 (``formats``), decompressing it as it streams in (``decoders``, with ``xz``
-for the xz child), and compressing an export as it streams out
+for the xz child and ``xzstream`` to follow its streams), and compressing an export as it streams out
 (``encoders``).
 
 Everything here is blocking code meant for a transfer's worker thread; it

@@ -6,6 +6,13 @@ Each member decoder turns one gzip member, bzip2 stream or xz stream into
 output chunks of at most ``limit`` bytes, whatever the compression ratio (a
 decompression bomb must not be inflated in memory).  All of them release the
 GIL while they work.
+
+What follows a complete stream (member, frame) is treated alike in every
+format, the xz child included: zero bytes are padding, skipped; another
+stream is decoded; anything else is trailing garbage and refused, with its
+offset (systemd-import refuses it too: liblzma and libbz2 call it bad data,
+and its gzip loop never gets past it), once all before it has been decoded
+and checked.  Input that ends inside a stream is "truncated".
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import zstandard
 from isal import isal_zlib
 
 from importd.compress import xz
-from importd.compress.formats import MAGIC_MAX, Compression, detect
+from importd.compress.formats import MAGIC, MAGIC_MAX, Compression, detect, trailing_garbage, truncated
 from importd.compress.source import READ_SIZE, Source
 from importd.context import JobContext, TransferError
 
@@ -82,13 +89,16 @@ def _xz_member() -> _Member:
     )
 
 
-def _members(src: Source, new_member: Callable[[], Any], limit: int) -> Generator[bytes, None, None]:
+def _members(src: Source, new_member: Callable[[], Any], kind: Compression, magic: bytes,
+             limit: int) -> Generator[bytes, None, None]:
     """Decode a concatenation of members (pigz and parallel bzip2/xz write
     several).  Zero bytes between and after members are skipped, the way
-    gzip and xz (stream padding) treat them; input that ends inside a member
-    is an error."""
+    gzip and xz (stream padding) treat them; anything else after a member
+    must start another one (its magic number), or it is trailing garbage,
+    refused; input that ends inside a member is truncated."""
     pending = src.read()
     member = None
+    first = True
     while True:
         if member is None:
             pending = pending.lstrip(b"\0")
@@ -97,7 +107,16 @@ def _members(src: Source, new_member: Callable[[], Any], limit: int) -> Generato
                 if not pending:
                     return
                 continue
+            if not first and not pending.startswith(magic):
+                if len(pending) < len(magic) and magic.startswith(pending):
+                    more = src.read()
+                    if not more:
+                        raise truncated(kind)
+                    pending += more
+                    continue
+                raise trailing_garbage(kind, src.consumed - len(pending))
             member = new_member()
+            first = False
         yield from member.feed(pending, limit)
         if member.eof:
             pending = member.unused_data
@@ -105,13 +124,29 @@ def _members(src: Source, new_member: Callable[[], Any], limit: int) -> Generato
             continue
         pending = src.read()
         if not pending:
-            raise TransferError("Compressed stream ended prematurely")
+            raise truncated(kind)
+
+
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_ZSTD_SKIPPABLE = b"\x2a\x4d\x18"  # after a byte 0x50..0x5f
+
+
+def _zstd_magic_prefix(head: bytes | bytearray) -> bool:
+    """Whether HEAD may be the start of a frame's magic number."""
+    if _ZSTD_MAGIC.startswith(head):
+        return True
+    return head[0] & 0xF0 == 0x50 and _ZSTD_SKIPPABLE.startswith(head[1:])
 
 
 class _ZstdFrames:
     """Follows the frame and block headers of a zstd stream (RFC 8878) as it
     passes by, to tell a stream that ends between frames from one that was
-    cut short: the streaming reader of python-zstandard does not."""
+    cut short: the streaming reader of python-zstandard does not.  feed()
+    returns what of the input the decoder is to see: all of it but zero
+    bytes between frames (padding, skipped as for the other formats) and
+    trailing garbage (anything else after a frame that starts no frame:
+    from there on, nothing); the possible start of another frame is held
+    back until its magic number is complete."""
 
     _FCS_SIZE = (0, 2, 4, 8)
     _DID_SIZE = (0, 1, 2, 4)
@@ -124,12 +159,20 @@ class _ZstdFrames:
         self.after_skip = ("magic", 4)
         self.last_block = False
         self.checksum = False
+        self.started = False  # past the first frame's magic number
+        self.offset = 0  # input bytes fed so far
+        self.candidate_at = 0
+        self.garbage_at: int | None = None
 
     @property
     def complete(self) -> bool:
         return self.state == "magic" and not self.header and not self.skip
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes) -> bytes:
+        if self.garbage_at is not None:
+            return b""
+        out: list[bytes] = []
+        keep = 0  # data[keep:i] is still to be passed on
         i, n = 0, len(data)
         while i < n and self.state != "unknown":
             if self.skip:
@@ -139,6 +182,34 @@ class _ZstdFrames:
                 if not self.skip:
                     self.state, self.need = self.after_skip
                 continue
+            if self.state == "magic" and self.started and not self.header:
+                # Between frames: padding, then another frame or garbage.
+                if i > keep:
+                    out.append(data[keep:i])
+                while i < n and data[i] == 0:
+                    i += 1
+                keep = i
+                if i == n:
+                    break
+                self.state = "next"
+                self.candidate_at = self.offset + i
+            if self.state == "next":
+                k = min(4 - len(self.header), n - i)
+                self.header += data[i : i + k]
+                i += k
+                if not _zstd_magic_prefix(self.header):
+                    self.garbage_at = self.candidate_at
+                    keep = n
+                    break
+                if len(self.header) == 4:
+                    held = 4 - (i - keep)
+                    if held > 0:
+                        out.append(bytes(self.header[:held]))
+                    header = bytes(self.header)
+                    self.header.clear()
+                    self.state = "magic"
+                    self._parse(header)
+                continue
             k = min(self.need - len(self.header), n - i)
             self.header += data[i : i + k]
             i += k
@@ -146,6 +217,12 @@ class _ZstdFrames:
                 header = bytes(self.header)
                 self.header.clear()
                 self._parse(header)
+        self.offset += n
+        if self.garbage_at is None and self.state != "next" and keep < n:
+            out.append(data[keep:] if keep else data)
+        if len(out) == 1:
+            return out[0]
+        return b"".join(out)
 
     def _skip(self, count: int, then: tuple[str, int]) -> None:
         if count:
@@ -158,9 +235,10 @@ class _ZstdFrames:
     def _parse(self, h: bytes) -> None:
         state = self.state
         if state == "magic":
-            if h == b"\x28\xb5\x2f\xfd":
+            self.started = True
+            if h == _ZSTD_MAGIC:
                 self.state, self.need = "descriptor", 1
-            elif h[0] & 0xF0 == 0x50 and h[1:] == b"\x2a\x4d\x18":
+            elif h[0] & 0xF0 == 0x50 and h[1:] == _ZSTD_SKIPPABLE:
                 self.state, self.need = "skippable", 4
             else:
                 self.state = "unknown"  # the decoder reports it
@@ -190,9 +268,13 @@ def _zstd_frames(src: Source, limit: int) -> Generator[bytes, None, None]:
 
     class _Feed:
         def read(self, n: int = READ_SIZE) -> bytes:
-            data = src.read(min(n, READ_SIZE) if n > 0 else READ_SIZE)
-            frames.feed(data)
-            return data
+            while True:
+                data = src.read(min(n, READ_SIZE) if n > 0 else READ_SIZE)
+                if not data:
+                    return b""
+                data = frames.feed(data)
+                if data or frames.garbage_at is not None:
+                    return data
 
     reader = zstandard.ZstdDecompressor().stream_reader(_Feed(), read_size=READ_SIZE,  # type: ignore[arg-type]
                                                         read_across_frames=True)
@@ -204,10 +286,12 @@ def _zstd_frames(src: Source, limit: int) -> Generator[bytes, None, None]:
         if not out:
             break
         yield out
+    if frames.garbage_at is not None:
+        raise trailing_garbage(Compression.ZSTD, frames.garbage_at)
     if src.read():  # the reader stopped before the end of the input
         raise TransferError("Failed to decompress zstd data: trailing data after the last frame")
     if not frames.complete:
-        raise TransferError("Compressed stream ended prematurely")
+        raise truncated(Compression.ZSTD)
 
 
 def _uncompressed(src: Source, limit: int) -> Generator[bytes, None, None]:
@@ -237,11 +321,11 @@ def decompressed_chunks(
     if kind == Compression.XZ and (binary := xz.binary()) is not None:
         inner = xz.decompress(src, binary, ctx, chunk_size)
     elif kind == Compression.XZ:
-        inner = _members(src, _xz_member, chunk_size)
+        inner = _members(src, _xz_member, kind, MAGIC[Compression.XZ], chunk_size)
     elif kind == Compression.GZIP:
-        inner = _members(src, _gzip_member, chunk_size)
+        inner = _members(src, _gzip_member, kind, MAGIC[Compression.GZIP], chunk_size)
     elif kind == Compression.BZIP2:
-        inner = _members(src, _bzip2_member, chunk_size)
+        inner = _members(src, _bzip2_member, kind, MAGIC[Compression.BZIP2], chunk_size)
     elif kind == Compression.ZSTD:
         inner = _zstd_frames(src, chunk_size)
     else:

@@ -23,6 +23,9 @@ _MAGIC: tuple[tuple[bytes, Compression], ...] = (
     (b"\x28\xb5\x2f\xfd", Compression.ZSTD),
 )
 
+#: The magic number of each format (zstd: of a frame that is not skippable).
+MAGIC: dict[Compression, bytes] = {kind: magic for magic, kind in _MAGIC}
+
 #: Bytes detect() wants to see; shorter input is taken as uncompressed.
 MAGIC_MAX = 6
 
@@ -39,6 +42,20 @@ _TAR_SUFFIXES: tuple[tuple[str, Compression], ...] = (
     (".tbz2", Compression.BZIP2),
     (".tzst", Compression.ZSTD),
 )
+
+
+def truncated(kind: Compression) -> TransferError:
+    """The input ended inside a stream, member or frame."""
+    return TransferError(f"Failed to decompress {kind} data: Compressed stream is truncated")
+
+
+def trailing_garbage(kind: Compression, offset: int) -> TransferError:
+    """Data after the end of a complete stream, member or frame that is
+    neither padding (zero bytes) nor the start of another one: refused, as
+    systemd-import refuses it (liblzma and libbz2 call it bad data there,
+    and its gzip decoder never gets past it)."""
+    return TransferError(f"Failed to decompress {kind} data: Trailing garbage after the end of the compressed "
+                         f"stream, at offset {offset}")
 
 
 def detect(head: bytes) -> Compression:

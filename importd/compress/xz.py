@@ -1,7 +1,13 @@
 """xz through an ``xz`` child process, both ways: multi-threaded, about
 twice as fast as liblzma through the ``lzma`` module (which is the fallback
 when there is no ``xz`` binary).  The child is started through
-``imagepool.spawn``: killed and reaped on every way out."""
+``imagepool.spawn``: killed and reaped on every way out.
+
+xz(1) itself fails on trailing garbage (and on stream padding that is not a
+multiple of four bytes), in words that do not say so ("Compressed data is
+corrupt", "Unexpected end of input"): unless a file ends cleanly, the input
+is fed to it through an ``xzstream.XzStreams``, which keeps both from it and
+tells where the garbage starts."""
 
 from __future__ import annotations
 
@@ -11,17 +17,21 @@ import select
 import shutil
 import signal
 import time
+import zlib
 from collections.abc import Generator
 from typing import Any
 
 from imagepool import spawn
-from importd.compress import sink
+from importd.compress import sink, xzstream
+from importd.compress.formats import Compression, trailing_garbage, truncated
 from importd.compress.source import PIPE_SIZE, POLL_MS, Source, grow_pipe, pipe_available
+from importd.compress.xzstream import XzStreams
 from importd.context import JobContext, TransferError
 
 # xz writes 8 KiB at a time: a batch of its output is read at once.
 BATCH = 256 << 10
 BATCH_WAIT = 0.002
+_TAIL_READ = 1 << 20  # read at a time when looking for the end of a file's last stream
 
 _XZ_ENV_DROP = ("XZ_OPT", "XZ_DEFAULTS")
 
@@ -44,17 +54,45 @@ def _child_message(tail: list[str]) -> str:
     return re.sub(r"^[^:]*xz: (\((stdin|stdout)\): )?", "", lines[-1])
 
 
+def _ends_cleanly(src: Source) -> bool:
+    """Whether the regular file SRC ends as xz wants a .xz file to end: in a
+    stream footer (with its CRC32 right), then stream padding of a multiple
+    of four zero bytes.  Read from the end: a few preads."""
+    fd = src.fd
+    size = os.fstat(fd).st_size
+    end = size
+    while end > src.start:
+        piece = os.pread(fd, min(_TAIL_READ, end - src.start), max(src.start, end - _TAIL_READ))
+        stripped = piece.rstrip(b"\0")
+        end -= len(piece) - len(stripped)
+        if stripped or not piece:
+            break
+    if (size - end) % 4 or (end - src.start) % 4 or end - src.start < 24:
+        return False
+    footer = os.pread(fd, 12, end - 12)
+    return (len(footer) == 12 and footer[10:] == b"YZ" and footer[8] == 0 and not footer[9] & 0xF0
+            and zlib.crc32(footer[4:10]) == int.from_bytes(footer[:4], "little"))
+
+
 def decompress(src: Source, xz: str, ctx: JobContext, limit: int) -> Generator[bytes, None, None]:
-    """Run ``xz -dc -T0`` and read its output.  A regular file is the child's
-    stdin itself (the shared file offset tells our progress); a pipe or socket
-    is copied to the child's stdin by the same poll() loop that reads its
-    stdout, so there is no helper thread to stop."""
+    """Run ``xz -dc -T0`` and read its output.
+
+    A regular file that ends as a .xz file should is the child's stdin
+    itself (the shared file offset tells our progress).  Anything else -- a
+    pipe or socket, or a file that ends otherwise -- is copied to the
+    child's stdin by the same poll() loop that reads its stdout, so there is
+    no helper thread to stop; on the way an XzStreams follows the streams,
+    so that the child is given neither trailing garbage (which is refused
+    once xz has checked what comes before it) nor stream padding (any number
+    of zero bytes is fine, as in systemd-import), and a truncated stream is
+    told apart from a corrupt one."""
     out_r, out_w = os.pipe2(os.O_CLOEXEC)
     in_r = in_w = -1
     child: spawn.Child | None = None
+    streams = None if src.regular and _ends_cleanly(src) else XzStreams()
     try:
         grow_pipe(out_r)
-        if src.regular:
+        if streams is None:
             child_stdin = src.fd
         else:
             in_r, in_w = os.pipe2(os.O_CLOEXEC)
@@ -72,15 +110,33 @@ def decompress(src: Source, xz: str, ctx: JobContext, limit: int) -> Generator[b
             os.close(in_r)
             in_r = -1
 
+        def next_input(wait: bool) -> bytes | None:
+            """What to give xz next (maybe nothing yet); None when there
+            is no more: at the end of the input or of its last stream."""
+            assert streams is not None
+            data = src.read(PIPE_SIZE, wait=wait)
+            if not data:
+                return None
+            data = streams.feed(data)
+            if streams.garbage_at is not None and not data:
+                return None
+            return data
+
         poller = select.poll()
         poller.register(out_r, select.POLLIN)
         feeding = in_w >= 0  # still copying input to the child
         # What detect() read ahead goes first.
-        pending = memoryview(src.read(PIPE_SIZE) if feeding else b"")
-        fed_everything = not feeding
+        first = next_input(True) if feeding else b""
+        pending = memoryview(first or b"")
+        # Nothing more to read after pending:
+        last = first is None or (streams is not None and streams.garbage_at is not None)
         watching: int | None = None  # the fd registered besides out_r
         while True:
             ctx.check()
+            if feeding and not pending and last:
+                feeding = False
+                os.close(in_w)
+                in_w = -1
             if feeding:
                 want = in_w if pending else src.fd
                 if want != watching:
@@ -102,15 +158,13 @@ def decompress(src: Source, xz: str, ctx: JobContext, limit: int) -> Generator[b
                     out = os.read(out_r, limit)
                     if not out:
                         break
-                elif fd == src.fd and feeding:
-                    data = src.read(PIPE_SIZE, wait=False)
-                    if data:
-                        pending = memoryview(data)
+                elif fd == src.fd and feeding and not pending:
+                    data = next_input(False)
+                    if data is None:
+                        last = True
                     else:
-                        feeding = False
-                        fed_everything = True
-                        os.close(in_w)
-                        in_w = -1
+                        pending = memoryview(data)
+                        last = streams is not None and streams.garbage_at is not None
                 elif fd == in_w and feeding:
                     try:
                         n = os.write(in_w, pending)
@@ -125,7 +179,7 @@ def decompress(src: Source, xz: str, ctx: JobContext, limit: int) -> Generator[b
                     pending = pending[n:]
             else:
                 if out:
-                    if src.regular:
+                    if streams is None:
                         src.report(os.lseek(src.fd, 0, os.SEEK_CUR) - src.start)
                     yield out
                 continue
@@ -135,14 +189,22 @@ def decompress(src: Source, xz: str, ctx: JobContext, limit: int) -> Generator[b
             os.close(in_w)
             in_w = -1
         rc = child.wait(ctx.check)
+        outcome = xzstream.COMPLETE if streams is None else streams.finish()
+        if rc < 0:
+            raise TransferError(f"xz was killed by signal {signal.Signals(-rc).name}")
+        msg = _child_message(child.tail) or f"xz exited with status {rc}"
         if rc != 0:
-            if rc < 0:
-                raise TransferError(f"xz was killed by signal {signal.Signals(-rc).name}")
-            msg = _child_message(child.tail) or f"xz exited with status {rc}"
+            # xz saw everything but padding and trailing garbage: it knows.
+            if msg == "Unexpected end of input":
+                raise truncated(Compression.XZ)
             raise TransferError(f"Failed to decompress xz data: {msg}")
-        if not fed_everything:
+        if outcome == xzstream.TRUNCATED:  # in what was held back: the start of another stream
+            raise truncated(Compression.XZ)
+        if feeding or pending or (streams is not None and not last):
             raise TransferError("Failed to decompress xz data: xz stopped reading its input")
-        if src.regular:
+        if streams is not None and streams.garbage_at is not None:
+            raise trailing_garbage(Compression.XZ, streams.garbage_at)
+        if streams is None:
             src.report(os.lseek(src.fd, 0, os.SEEK_CUR) - src.start)
     finally:
         for fd in (in_r, in_w, out_r, out_w):
@@ -150,8 +212,6 @@ def decompress(src: Source, xz: str, ctx: JobContext, limit: int) -> Generator[b
                 os.close(fd)
         if child is not None:
             child.kill()
-
-
 
 
 class Writer(sink.Writer):
