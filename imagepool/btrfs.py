@@ -337,6 +337,13 @@ def _rescanning(fd: int, status: int) -> bool:
     return bool(struct.unpack_from("=Q", buf)[0])
 
 
+def quota_rescanning(path: str) -> bool:
+    """Whether the kernel is (re)counting the quotas of the btrfs at PATH."""
+    with _open(path) as fd:
+        status = _quota_status(fd)
+        return status is not None and _rescanning(fd, status)
+
+
 @dataclass(frozen=True)
 class Qgroup:
     """Usage and limits of a qgroup, in bytes; UINT64_MAX: unknown, or no limit."""

@@ -12,8 +12,10 @@ import signal
 import socket
 import sys
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import sdbus
+import sdbus.dbus_exceptions
 
 from imagepool import classes, temporaries, tree
 from imagepool.image import DEFAULT_POOL
@@ -78,8 +80,29 @@ def listen_fds() -> dict[str, int]:
     return fds
 
 
+_log_target = "auto"
+_handler: logging.Handler | None = None
+
+
+def get_log_target() -> str:
+    return _log_target
+
+
+def set_log_target(target: str) -> None:
+    """Where log lines go (org.freedesktop.LogControl1's LogTarget): stderr
+    with syslog prefixes, without them ("console"), or nowhere ("null")."""
+    global _log_target
+    _log_target = target
+    if _handler is not None:
+        _handler.setFormatter(logging.Formatter("%(message)s") if target == "console"
+                              else _SyslogPrefixFormatter("%(message)s"))
+        _handler.setLevel(logging.CRITICAL + 1 if target == "null" else logging.NOTSET)
+
+
 def setup_logging(debug: bool = False) -> None:
+    global _handler
     handler = logging.StreamHandler(sys.stderr)
+    _handler = handler
     handler.setFormatter(_SyslogPrefixFormatter("%(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -172,6 +195,17 @@ def clean_up_after_crashes(service: str, directories: list[str]) -> asyncio.Task
     return asyncio.get_running_loop().create_task(asyncio.to_thread(tree.clean_temporaries, directories))
 
 
+def _exception_handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """A D-Bus error raised on purpose where sdbus can't turn it into a reply
+    (a property setter refusing a value; the caller gets an error all the
+    same) is a warning, not a crash report."""
+    exc = context.get("exception")
+    if isinstance(exc, sdbus.dbus_exceptions.DbusFailedError):
+        log.warning("Refused: %s", exc)
+        return
+    loop.default_exception_handler(context)
+
+
 def run(main: Callable[[asyncio.Event], Awaitable[None]]) -> int:
     """Run MAIN(stop_event) until it returns; SIGTERM and SIGINT set the event."""
 
@@ -180,6 +214,7 @@ def run(main: Callable[[asyncio.Event], Awaitable[None]]) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        loop.set_exception_handler(_exception_handler)
         await main(stop)
 
     try:

@@ -173,29 +173,42 @@ _peer_pids: dict[str, int] = {}
 _PEER_PIDS_MAX = 256
 
 
-def peer_pid_blocking(name: str) -> int:
-    """GetConnectionUnixProcessID for code that can't await (property getters),
-    over a connection of its own; 0 when the peer is gone."""
+def _ask_bus_blocking(member: str, name: str) -> int | None:
+    """A GetConnectionUnix* answer of the bus daemon, over a connection of
+    our own, for code that can't await; None when the peer is gone."""
     global _blocking_bus
-    pid = _peer_pids.get(name)
-    if pid is not None:
-        return pid
     if _blocking_bus is None:
         _blocking_bus = sdbus.sd_bus_open_system()
         # The bus daemon answers this at once; never hold up the loop long.
         _blocking_bus.method_call_timeout_usec = 1_000_000
     message = _blocking_bus.new_method_call_message(
-        "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus", "GetConnectionUnixProcessID")
+        "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus", member)
     message.append_data("s", name)
     try:
         contents = _blocking_bus.call(message).get_contents()
-        pid = int(contents if isinstance(contents, int) else contents[0])  # type: ignore[arg-type]
     except DbusFailedError:
+        return None
+    return int(contents if isinstance(contents, int) else contents[0])  # type: ignore[arg-type]
+
+
+def peer_pid_blocking(name: str) -> int:
+    """GetConnectionUnixProcessID for code that can't await (property getters);
+    0 when the peer is gone."""
+    pid = _peer_pids.get(name)
+    if pid is not None:
+        return pid
+    pid = _ask_bus_blocking("GetConnectionUnixProcessID", name)
+    if pid is None:
         return 0
     if len(_peer_pids) >= _PEER_PIDS_MAX:
         del _peer_pids[next(iter(_peer_pids))]
     _peer_pids[name] = pid
     return pid
+
+
+def peer_uid_blocking(name: str) -> int | None:
+    """GetConnectionUnixUser likewise (property setters); None when gone."""
+    return _ask_bus_blocking("GetConnectionUnixUser", name)
 
 
 def export_per_caller(path: str, interface_name: str, cls: type[DbusInterfaceCommonAsync],

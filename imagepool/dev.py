@@ -99,7 +99,7 @@ class Service:
         self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 20, notify: bool = True, bus_name: str | None = None) -> Service:
+    def start(self, timeout: float = 40, notify: bool = True, bus_name: str | None = None) -> Service:
         env = dict(self.env)
         sock = None
         if notify:

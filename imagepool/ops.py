@@ -230,6 +230,46 @@ def set_pool_limit(pool: Pool, limit: int) -> None:
     btrfs.set_limit(pool.path, limit)
 
 
+def usage_status(pool: Pool, image: Image) -> str:
+    """Why IMAGE's usage is unknown, or which limit it has reached ("" when
+    neither), for a client to show next to the numbers."""
+    if image.type in (ImageType.RAW, ImageType.BLOCK):
+        return ""
+    if image.type == ImageType.MSTACK:
+        return "a mount stack: its usage is that of its layers"
+    if image.type == ImageType.DIRECTORY:
+        return "not a btrfs subvolume: the usage of a plain directory is not counted"
+    try:
+        mode = btrfs.quota_mode(image.path)
+        if mode == "off":
+            return "btrfs quotas are off" + ("" if pool.quota == "simple" else
+                                             " (start the services with --quota=simple, or turn them on)")
+        if image.usage == UINT64_MAX:
+            if btrfs.quota_rescanning(image.path):
+                return "btrfs is counting the quotas anew"
+            return "the subvolume has no qgroup"
+    except OSError as e:
+        return f"usage unknown: {e.strerror or e}"
+    reached = []
+    if _at(image.usage, image.limit):
+        reached.append("its limit")
+    if _at(image.usage_exclusive, image.limit_exclusive):
+        reached.append("its exclusive limit")
+    with contextlib.suppress(OSError):
+        pool_q = btrfs.qgroup_of(pool.path) if btrfs.is_subvolume(pool.path) else None
+        if pool_q is not None and _at(pool_q.referenced, pool_q.max_referenced):
+            reached.append("the pool's limit")
+    return "reached " + " and ".join(reached) if reached else ""
+
+
+def _at(usage: int, limit: int) -> bool:
+    """Whether USAGE is at LIMIT: btrfs refuses writes a little before (the
+    next extent would not fit), so within 1% or 1 MiB of it."""
+    if limit == UINT64_MAX or usage == UINT64_MAX:
+        return False
+    return limit - usage <= max(limit // 100, 1 << 20)
+
+
 def prepare_quotas(pool: Pool) -> None:
     """At a service's start: simple quotas on for a btrfs pool that should
     have them (its imported trees then show their usage)."""

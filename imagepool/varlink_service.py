@@ -245,6 +245,8 @@ class _Connection(varlink.Connection):
             return True
 
     def call_received(self, call: VarlinkMethodCall, fds: typing.Any) -> asyncio.Future[None] | None:
+        log.debug("Varlink call %s from PID %d (UID %d)%s", call.method, self.peercred[0], self.peercred[1],
+                  " with more" if call.more else "")
         received = [fd.fileno() for fd in fds] if fds else []
         if call.method_interface == SERVICE_IDL:
             return asyncio.ensure_future(self._builtin(call))

@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import logging
 
-from imagepool import daemon
+from imagepool import daemon, logcontrol
 from imagepool.classes import Roots
 from importd import local, oci
 from importd.dbus.manager import PATH, ImportManagerObject
@@ -26,6 +26,8 @@ async def serve(roots: Roots, options: Options, stop: asyncio.Event) -> None:
     cleanup = daemon.clean_up_after_crashes("importd", manager.pool_directories())
     front = ImportManagerObject(manager)
     front.export_to_dbus(PATH)
+    log_control = logcontrol.LogControl("importd")
+    log_control.export_to_dbus(logcontrol.PATH)
     varlink = await serve_varlink(manager)
     await daemon.request_name(bus, BUS_NAME)
     daemon.sd_notify("READY=1\nSTATUS=Processing requests...")

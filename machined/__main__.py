@@ -7,8 +7,10 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 
-from imagepool import daemon, ops
+from imagepool import daemon, logcontrol, ops
 from imagepool.classes import Roots
+from machined.dbus.extras import PATH as EXTRAS_PATH
+from machined.dbus.extras import ExtrasObject
 from machined.dbus.manager import PATH, ManagerObject
 from machined.images import ImageManager
 from machined.machines import OPERATIONS_MAX, MachineManager
@@ -34,6 +36,10 @@ async def serve(roots: Roots, stop: asyncio.Event) -> None:
     machines.start()
     manager = ManagerObject(images, machines)
     manager.export_to_dbus(PATH)
+    extras = ExtrasObject(images)
+    extras.export_to_dbus(EXTRAS_PATH)
+    log_control = logcontrol.LogControl("machined")
+    log_control.export_to_dbus(logcontrol.PATH)
     manager.start()
     userdb: UserDatabase | None = UserDatabase(lambda: machines.registry)
     try:

@@ -152,6 +152,9 @@ class ImageManager:
         await self.run(ops.set_image_limit, self.pool, image, limit)
         await self.refresh(image.name)
 
+    async def usage_status(self, image: Image) -> str:
+        return await self.run(ops.usage_status, self.pool, image)
+
     async def set_pool_limit(self, limit: int) -> None:
         await self.run(ops.set_pool_limit, self.pool, limit)
 

@@ -23,6 +23,9 @@ from sdbus.sd_bus_internals import (
 
 MACHINE1 = "org.freedesktop.machine1"
 MACHINE1_PATH = "/org/freedesktop/machine1"
+# machined-py's own additions (machined/dbus/extras.py)
+EXTRAS_PATH = "/org/machined_py/machine1"
+EXTRAS_INTERFACE = "org.machined_py.Images1"
 MACHINE1_MANAGER = "org.freedesktop.machine1.Manager"
 MACHINE1_MACHINE = "org.freedesktop.machine1.Machine"
 IMPORT1 = "org.freedesktop.import1"

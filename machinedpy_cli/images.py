@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from machinedpy_cli import fmt
-from machinedpy_cli.bus import INFINITE_USEC, MACHINE1, MACHINE1_PATH, BusError
+from machinedpy_cli.bus import EXTRAS_INTERFACE, EXTRAS_PATH, INFINITE_USEC, MACHINE1, MACHINE1_PATH, BusError
 from machinedpy_cli.context import Context
 from machinedpy_cli.fmt import UINT64_MAX, Column, Table, format_bytes, format_timestamp, format_timestamp_relative
 
@@ -65,12 +65,23 @@ async def _optional(ctx: Context, member: str, name: str) -> Any:
     return value
 
 
+async def _usage_status(ctx: Context, name: str) -> str | None:
+    """Why the usage is unknown or which limit was reached: machined-py's own
+    UsageStatus (None from a daemon without it, such as systemd's)."""
+    try:
+        (value,) = await ctx.bus.call(MACHINE1, EXTRAS_PATH, EXTRAS_INTERFACE, "UsageStatus", "s", name)
+    except BusError:
+        return None
+    return str(value)
+
+
 async def _image_extras(ctx: Context, name: str) -> dict[str, Any]:
     return {
         "Hostname": await _optional(ctx, "GetImageHostname", name),
         "MachineID": await _optional(ctx, "GetImageMachineID", name),
         "MachineInfo": await _optional(ctx, "GetImageMachineInfo", name),
         "OSRelease": await _optional(ctx, "GetImageOSRelease", name),
+        "UsageStatus": await _usage_status(ctx, name),
     }
 
 
@@ -101,13 +112,18 @@ def _image_status_text(props: dict[str, tuple[str, Any]], extra: dict[str, Any])
         ts = p(key, 0)
         if fmt.timestamp_is_set(ts):
             out.append(f"{label}: {format_timestamp(ts)}; {format_timestamp_relative(ts)}")
+    status = extra.get("UsageStatus")
     for key, label in (("Usage", "Usage"), ("Limit", "Limit")):
         total, exclusive = p(key, UINT64_MAX), p(f"{key}Exclusive", UINT64_MAX)
         if total != UINT64_MAX:
+            line = f"\t   {label}: {format_bytes(total)}"
             if exclusive not in (total, UINT64_MAX):
-                out.append(f"\t   {label}: {format_bytes(total)} (exclusive: {format_bytes(exclusive)})")
-            else:
-                out.append(f"\t   {label}: {format_bytes(total)}")
+                line += f" (exclusive: {format_bytes(exclusive)})"
+            if key == "Limit" and status and status.startswith("reached "):
+                line += f" ({status})"
+            out.append(line)
+        elif key == "Usage" and status and not status.startswith("reached "):
+            out.append(f"\t   Usage: unknown ({status})")
     return "".join(line + "\n" for line in out)
 
 

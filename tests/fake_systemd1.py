@@ -12,7 +12,8 @@ delay read from DIRECTORY/delay (seconds, 0.1 by default); a transient
 service with ExecStart is run right away on the fds it was given.  StartUnit
 only records.  StopUnit sends
 SIGTERM to the unit's PIDs, KillUnit the given signal.  Like systemd, job
-signals go out only once somebody has called Subscribe().
+signals go to everybody (systemd sends them to subscribers and to the job's
+requester).
 """
 
 from __future__ import annotations
@@ -39,6 +40,14 @@ class NoSuchUnit(DbusFailedError):
 
 class AlreadySubscribed(DbusFailedError):
     dbus_error_name = "org.freedesktop.systemd1.AlreadySubscribed"
+
+
+def _pid_of_pidfd(fd: int) -> int:
+    with open(f"/proc/self/fdinfo/{fd}") as f:
+        for line in f:
+            if line.startswith("Pid:"):
+                return int(line.split()[1])
+    raise ValueError(f"fd {fd} is no pidfd")
 
 
 def _jsonable(value: Any) -> Any:
@@ -83,8 +92,9 @@ class FakeManager(DbusInterfaceCommonAsync, interface_name="org.freedesktop.syst
         return path
 
     def _job_done(self, job_id: int, path: str, unit: str, result: str) -> None:
-        if self.subscribers:
-            self.job_removed.emit((job_id, path, unit, result))
+        # To subscribers and to the job's requester, as systemd: here simply
+        # to everybody.
+        self.job_removed.emit((job_id, path, unit, result))
 
     @staticmethod
     def _signal(pids: list[int], signo: int) -> None:
@@ -158,6 +168,8 @@ class FakeManager(DbusInterfaceCommonAsync, interface_name="org.freedesktop.syst
         for key, (signature, value) in properties:
             if key == "PIDs" and signature == "au":
                 pids.extend(value)
+            elif key == "PIDFDs" and signature == "ah":  # systemd-nspawn 26x
+                pids.extend(_pid_of_pidfd(fd) for fd in value)
         result = self._setting("result", "done")
         if result == "done":
             self.units[name] = pids

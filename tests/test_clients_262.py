@@ -40,8 +40,8 @@ def clean(text: str, pool: Pool, prefix: Path) -> str:
     classes below its --image-prefix; .host is this host's root for ours and
     the sid root for theirs."""
     text = normalize(text).replace(str(prefix), "")
-    lines = [re.sub(r" +", " ", line) for line in text.splitlines()  # columns sized by .host's row too
-             if not re.search(r"(^|\s)\.host(\s|$)", line) and not PROGRESS.match(line)]
+    lines = [re.sub(r" +", " ", _host_times(line)) for line in text.splitlines()  # columns sized by .host too
+             if not PROGRESS.match(line)]
     if lines and lines[0].startswith("$ importctl pull-"):
         # systemd-pull fetches the side files while the image downloads:
         # their lines and the download's come in any order, and when the
@@ -50,6 +50,12 @@ def clean(text: str, pool: Pool, prefix: Path) -> str:
             lines = [line for line in lines if not SIDE_FILE.search(line)]
         lines = lines[:1] + sorted(lines[1:])
     return "\n".join(lines)
+
+
+def _host_times(line: str) -> str:
+    """.host's times are those of "/": this host's (born at 0, so none) for
+    ours, the sid root's for the chrooted daemon."""
+    return line.replace("TIME", "-") if re.search(r"(^|\s)\.host(\s|$)", line) else line
 
 
 def machinectl_steps(pool: Pool, prefix: Path, verbs: list[list[str]]) -> list[tuple[str, Any]]:

@@ -7,6 +7,7 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -234,6 +235,12 @@ def test_quota(pool: Pool, daemons: Daemons) -> None:
                 f.write(os.urandom(1024 * 1024))
             f.flush()
             os.fsync(f.fileno())
+    # Our client says which limit was hit (and knows the usage now).
+    os.sync()
+    status = subprocess.run([sys.executable, "-m", "machinedpy_cli", "image-status", "sv1"], capture_output=True,
+                            text=True, timeout=60, cwd=world.SOURCES).stdout
+    assert "\t   Limit: 100.0M (reached its limit)" in status.splitlines(), status
+    assert "Usage: unknown" not in status
     os.unlink(pool / "sv1/big")
     ok("set-limit", "sv1", "none")
     assert ok("show-image", "-p", "Limit", "sv1").strip() == "Limit=infinity"
