@@ -58,14 +58,18 @@ class Nspawn:
         world.wait_for(registered, 30, f"{self.name} to register")
 
     def stop(self) -> None:
-        # The container's init runs in a session of its own: kill every
-        # descendant of nspawn, not just its process group.
-        for pid in descendants(self.proc.pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=30)
+        kill_tree(self.proc)
+
+
+def kill_tree(proc: subprocess.Popen) -> None:  # type: ignore[type-arg]
+    """Kill a systemd-nspawn and its container: the container's init runs in
+    a session of its own, so every descendant, not just the process group."""
+    for pid in descendants(proc.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
 
 
 def descendants(pid: int) -> list[int]:

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import shlex
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -26,7 +24,7 @@ from tests.bootedsid import BootedSid
 from tests.conftest import Daemons, Pool
 from tests.test_machine_clients import cgroup_v2_at_root
 from tests.test_machine_scope import FakeSystemd
-from tests.test_machines import descendants, make_root
+from tests.test_machines import kill_tree, make_root
 
 MACHINE = "/run/systemd/machine/io.systemd.Machine"
 
@@ -63,12 +61,7 @@ class Nspawn262:
         return self.proc.poll() is not None
 
     def stop(self) -> None:
-        for pid in descendants(self.proc.pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=30)
+        kill_tree(self.proc)
 
 
 def _catches(pid: int, signo: int) -> bool:
@@ -126,6 +119,9 @@ class Ours:
     def entry(self, name: str) -> Any:
         return entry(name)
 
+    def varlink(self, method: str, params: dict[str, Any]) -> tuple[int, list[Any], str]:
+        return sid.call(MACHINE, f"io.systemd.Machine.{method}", params)
+
     def wait_gone(self) -> int | None:
         assert self.container is not None
         world.wait_for(self.container.ended, 20, "nspawn to end")
@@ -149,7 +145,11 @@ class Theirs:
         r = self.booted.run("systemd-run", f"--unit={self.unit}", "-p", "KillMode=mixed", "systemd-nspawn", "-q",
                             "-D", f"/var/lib/machines/{name}", "-M", name, "--register=yes", "/bin/sh", "-c", INIT)
         assert r.returncode == 0, r.stderr
-        world.wait_for(lambda: self._listed(name) and self._init_ready(name), 30, f"{name} in the booted sid")
+        try:
+            world.wait_for(lambda: self._listed(name) and self._init_ready(name), 30, f"{name} in the booted sid")
+        except TimeoutError as e:
+            journal = self.booted.run("journalctl", "--no-pager", "-n", "60").stdout
+            raise TimeoutError(f"{e}; the booted sid's journal:\n{journal}") from None
 
     def _listed(self, name: str) -> bool:
         return self.booted.run("varlinkctl", "call", MACHINE, "io.systemd.Machine.List",
@@ -174,6 +174,11 @@ class Theirs:
             return r.returncode, r.stderr.strip()
         return _normalized_entry(json.loads(r.stdout))
 
+    def varlink(self, method: str, params: dict[str, Any]) -> tuple[int, list[Any], str]:
+        r = self.booted.run("varlinkctl", "--json=short", "call", MACHINE, f"io.systemd.Machine.{method}",
+                            json.dumps(params))
+        return r.returncode, sid.replies(r), r.stderr.strip()
+
     def wait_gone(self) -> int | None:
         def inactive() -> bool:
             state = self.booted.run("systemctl", "is-active", self.unit).stdout.strip()
@@ -184,12 +189,62 @@ class Theirs:
         return int(result or "0")
 
     def stop(self) -> None:
-        if self.unit:
-            self.booted.run("systemctl", "kill", "--signal=KILL", self.unit)
+        if not self.unit:
+            return
+        # nspawn's service, and the scope it made for the container: stopped
+        # (nspawn cleans up after itself then), killed if need be.
+        units = (self.unit, "c262.scope")
+        self.booted.run("systemctl", "stop", *units, timeout=30)
+        for unit in units:
+            self.booted.run("systemctl", "kill", "--signal=KILL", unit)
+        world.wait_for(lambda: all(self.booted.run("systemctl", "is-active", u).stdout.strip() != "active"
+                                   for u in units), 20, "the container's units to stop")
+        # What a killed nspawn 262 leaves, and refuses to start with again.
+        self.booted.run("umount", "-l", "/run/systemd/nspawn/c262/unix-export")
+        self.booted.run("rm", "-rf", "/run/systemd/nspawn/c262")
+
+
+def keys(result: tuple[int, list[Any], str]) -> tuple[int, list[list[str]], str]:
+    """A reply with file descriptors or paths: which fields it has."""
+    rc, replies, err = result
+    return rc, [sorted(r) for r in replies], err
+
+
+def calls_on_a_container(side: Ours | Theirs) -> list[tuple[str, Any]]:
+    """The other io.systemd.Machine methods, on the registered container."""
+    name = {"name": "c262"}
+    return [
+        ("MapFrom UID 0", side.varlink("MapFrom", {**name, "uid": 0})),
+        ("MapFrom GID 0", side.varlink("MapFrom", {**name, "gid": 0})),
+        ("MapTo UID 0", side.varlink("MapTo", {"uid": 0})),
+        ("Kill leader with 0", side.varlink("Kill", {**name, "whom": "leader", "signal": 0})),
+        ("Kill all with 28", side.varlink("Kill", {**name, "signal": 28})),
+        ("Kill bad whom", side.varlink("Kill", {**name, "whom": "nobody", "signal": 28})),
+        ("CopyFrom a missing file", side.varlink("CopyFrom", {**name, "source": "/nonexistent", "destination":
+                                                               "/tmp/c262-copy"})),
+        ("CopyFrom a relative path", side.varlink("CopyFrom", {**name, "source": "etc/os-release"})),
+        ("CopyTo a relative path", side.varlink("CopyTo", {**name, "source": "x", "destination": "/tmp/x"})),
+        ("BindMount a missing directory", side.varlink("BindMount", {**name, "source": "/nonexistent"})),
+        ("BindMount a relative path", side.varlink("BindMount", {**name, "source": "tmp"})),
+        ("OpenRootDirectory", keys(side.varlink("OpenRootDirectory", name))),
+        ("Open a pty", keys(side.varlink("Open", {**name, "mode": "tty"}))),
+        ("List with metadata", _normalized(side.varlink("List", {**name, "acquireMetadata": "yes"}))),
+    ]
+
+
+def _normalized(result: tuple[int, list[Any], str]) -> Any:
+    rc, replies, err = result
+    return rc, [_normalized_entry(r) for r in replies], err
 
 
 def session(side: Ours | Theirs) -> list[tuple[str, Any]]:
     out: list[tuple[str, Any]] = []
+    side.start("c262")
+    try:
+        out += [*calls_on_a_container(side), ("Unregister", side.varlink("Unregister", {"name": "c262"})),
+                ("after Unregister", side.entry("c262"))]
+    finally:
+        side.stop()
     for verb in ("poweroff", "terminate"):
         side.start("c262")
         try:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import threading
 from collections.abc import Callable
 from typing import Protocol
@@ -26,6 +25,7 @@ from importd.compress import decompressed_chunks
 from importd.context import JobContext, TransferError
 from importd.oci import manifest as mf
 from importd.oci import whiteouts
+from importd.piped import Piped
 from importd.tar import TarUnpacker
 
 _KIND = {"none": compress.Compression.NONE, "gzip": compress.Compression.GZIP,
@@ -59,57 +59,23 @@ def _unpack(ctx: JobContext, source: Source, desc: mf.Descriptor, diff_id: str |
     ctx.cancel_hooks.append(lctx.request_cancel)
     if ctx.cancel.is_set():
         lctx.request_cancel()
-    read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
-    compress.source.grow_pipe(write_fd)
-    lock = threading.Lock()
-    state: dict[str, object] = {}  # "error": the download's; "abandoned": we stopped reading
     head = bytearray()
 
     def sink(chunk: bytes) -> None:
         if len(head) < compress.MAGIC_MAX:
             head.extend(chunk[: compress.MAGIC_MAX - len(head)])
-        view = memoryview(chunk)
-        while view:
-            view = view[os.write(write_fd, view):]
+        piped.write(chunk)
 
-    def downloader() -> None:
-        try:
-            source.stream(lctx, desc, sink, progress)
-        except BaseException as e:  # handed to the unpacking side, unless it caused this
-            with lock:
-                if "abandoned" not in state:
-                    state["error"] = e
-        finally:
-            os.close(write_fd)
-
-    thread = threading.Thread(target=downloader, name=f"layer-{desc.hex[:12]}", daemon=True)
-    thread.start()
     uncompressed = hashlib.sha256()
+    piped = Piped(f"layer-{desc.hex[:12]}", lambda: source.stream(lctx, desc, sink, progress), lctx.request_cancel)
     try:
-        with TarUnpacker(tmp, lctx, umask=0o777) as unpacker:
-            for chunk in decompressed_chunks(read_fd, lctx, max_output=max_size):
+        with piped, TarUnpacker(tmp, lctx, umask=0o777) as unpacker:
+            for chunk in decompressed_chunks(piped.read_fd, lctx, max_output=max_size):
                 uncompressed.update(chunk)
                 unpacker.write(chunk)
-            thread.join()
-            error = state.get("error")
-            if isinstance(error, BaseException):
-                raise error
+            piped.result()
             unpacker.finish()
-    except BaseException:
-        with lock:
-            state["abandoned"] = True
-            error = state.get("error")
-        lctx.request_cancel()
-        os.close(read_fd)
-        read_fd = -1
-        thread.join()
-        if isinstance(error, BaseException):  # the download failed first: that explains the rest
-            raise error from None
-        raise
     finally:
-        if read_fd >= 0:
-            os.close(read_fd)
-        thread.join()
         with contextlib.suppress(ValueError):
             ctx.cancel_hooks.remove(lctx.request_cancel)
     declared = _KIND[mf.LAYERS[desc.media_type]]

@@ -5,7 +5,6 @@ for raw images."""
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import threading
 from collections.abc import Callable
@@ -14,9 +13,10 @@ from dataclasses import dataclass
 from imagepool import fsutil, tree
 from imagepool.image import Pool
 from importd import compress, qcow2, sparse, verify
-from importd.context import Canceled, JobContext, TransferError
+from importd.context import JobContext, TransferError
 from importd.http import Download, Http, HttpError
 from importd.local import convert_qcow2_in_place, size_limit, unpack_tar, write_image
+from importd.piped import Piped
 from importd.progress import format_bytes
 from importd.pull.common import PullRequest, cache_base, cached_etags
 
@@ -112,12 +112,9 @@ class _DirectRaw:
 def _stream_into(ctx: JobContext, http: Http, req: PullRequest, tmp: str, etags: list[str], limit: int,
                  progress: Callable[[float], None]) -> Download:
     """Download in a helper thread; data that needs decoding goes through a
-    pipe to this thread, which unpacks it, so both overlap."""
-    read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
-    with contextlib.suppress(OSError):
-        fcntl.fcntl(write_fd, 1031, 1 << 20)  # F_SETPIPE_SZ
-    started = threading.Event()
-    result: dict[str, object] = {}
+    pipe to this thread, which unpacks it, so both overlap.  Uncompressed
+    raw data the download thread writes to the image itself."""
+    started = threading.Event()  # the first bytes came (or the download ended)
     direct: list[_DirectRaw] = []
     mode: list[str] = []
 
@@ -132,61 +129,39 @@ def _stream_into(ctx: JobContext, http: Http, req: PullRequest, tmp: str, etags:
             started.set()
         if direct:
             direct[0].write(chunk)
-            return
-        view = memoryview(chunk)
-        while view:
-            view = view[os.write(write_fd, view):]
+        else:
+            piped.write(chunk)
 
-    def downloader() -> None:
+    def download() -> Download:
         try:
             # Hashing costs ~1 CPU-second per GB: only when it will be checked.
-            result["info"] = http.stream(req.url, sink, etags=etags, max_size=limit, progress=progress,
-                                         hash=req.verify != verify.VerifyMode.NO)
-        except BaseException as e:  # handed over to the unpacking side
-            result["error"] = e
+            return http.stream(req.url, sink, etags=etags, max_size=limit, progress=progress,
+                               hash=req.verify != verify.VerifyMode.NO)
         finally:
-            os.close(write_fd)
             started.set()
 
-    thread = threading.Thread(target=downloader, name="download", daemon=True)
-    thread.start()
+    piped = Piped("download", download, http._interrupt)
     try:
-        while not started.wait(0.25):
-            ctx.check()
-        got = result.get("info")
-        downloaded = "error" not in result and not (isinstance(got, Download) and got.not_modified)
-        if direct:
-            while thread.is_alive():
-                thread.join(0.25)
+        with piped:
+            while not started.wait(0.25):
                 ctx.check()
-            if "error" not in result:
-                direct[0].finish(ctx, tmp, limit)
-                ctx.log(f"Acquired {format_bytes(_size(result))} for {req.url}.")
-        elif downloaded:
-            _unpack(ctx, req, read_fd, tmp, limit)
-            if "error" not in result:
-                ctx.log(f"Acquired {format_bytes(_size(result))} for {req.url}.")
-    except BaseException:
-        http._interrupt()
-        os.close(read_fd)
-        read_fd = -1
-        thread.join()
-        error = result.get("error")
-        if isinstance(error, (HttpError, TransferError, Canceled)):
-            raise error from None
-        raise
+            if direct or not mode:  # written by the download itself, or nothing came (a 304, an error)
+                while not piped.wait(0.25):
+                    ctx.check()
+                info = piped.result()
+                if direct:
+                    direct[0].finish(ctx, tmp, limit)
+                elif not info.not_modified:
+                    _unpack(ctx, req, piped.read_fd, tmp, limit)  # an empty body: the unpacker says what is wrong
+            else:
+                _unpack(ctx, req, piped.read_fd, tmp, limit)
+                info = piped.result()
+            if not info.not_modified:
+                ctx.log(f"Acquired {format_bytes(info.size)} for {req.url}.")
+            return info
     finally:
-        if read_fd >= 0:
-            os.close(read_fd)
-        thread.join()
         if direct:
             direct[0].close()
-    error = result.get("error")
-    if isinstance(error, BaseException):
-        raise error
-    info = result["info"]
-    assert isinstance(info, Download)
-    return info
 
 
 def _unpack(ctx: JobContext, req: PullRequest, read_fd: int, tmp: str, limit: int) -> int:
@@ -198,8 +173,3 @@ def _unpack(ctx: JobContext, req: PullRequest, read_fd: int, tmp: str, limit: in
         return unpack_tar(quiet, read_fd, tmp, limit)
     return write_image(quiet, read_fd, tmp, limit, writeback=req.sync)
 
-
-def _size(result: dict[str, object]) -> int:
-    """The bytes the download thread received."""
-    info = result.get("info")
-    return info.size if isinstance(info, Download) else 0

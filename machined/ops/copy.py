@@ -276,11 +276,11 @@ def check_copyable(m: Machine) -> None:
 def check_copy_paths(src: str, dst: str) -> str:
     """The destination (the source's path when empty), after systemd's checks."""
     if not src.startswith("/"):
-        raise InvalidArgs("Source path must be absolute.")
+        raise InvalidArgs("Source path must be absolute.", "source")
     if not dst:
         return src
     if not dst.startswith("/"):
-        raise InvalidArgs("Destination path must be absolute.")
+        raise InvalidArgs("Destination path must be absolute.", "destination")
     return dst
 
 

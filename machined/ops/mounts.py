@@ -34,11 +34,11 @@ def check_bind_mount(m: Machine, src: str, dst: str) -> str:
     """BindMount's checks before polkit's; the destination (SRC if empty)."""
     check_container(m, NotSupported("Bind mounting is only supported on container machines."))
     if not _path_is_normalized(src):
-        raise InvalidArgs("Source path must be absolute and normalized.")
+        raise InvalidArgs("Source path must be absolute and normalized.", "source")
     if not dst:
         return src
     if not _path_is_normalized(dst):
-        raise InvalidArgs("Destination path must be absolute and normalized.")
+        raise InvalidArgs("Destination path must be absolute and normalized.", "destination")
     return dst
 
 
