@@ -5,19 +5,8 @@ from __future__ import annotations
 
 import time
 
+from imagepool.fmt import format_bytes as format_bytes  # re-exported: importd's log lines use it
 from importd.context import JobContext
-
-
-def format_bytes(n: int) -> str:
-    """systemd 262's FORMAT_BYTES: 1024-based, truncated to one digit below
-    the point (from the next smaller unit, as systemd computes it), which is
-    left out when it is 0 ("80K", "8.5M", "512B")."""
-    for i, suffix in enumerate("EPTGMK"):
-        factor = 1 << (10 * (6 - i))
-        if n >= factor:
-            digit = (n * 10 // factor) % 10 if suffix == "K" else (n // (factor >> 10) * 10 // 1024) % 10
-            return f"{n // factor}.{digit}{suffix}" if digit else f"{n // factor}{suffix}"
-    return f"{n}B"
 
 
 class ProgressLogger:

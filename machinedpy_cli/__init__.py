@@ -2,9 +2,11 @@
 org.freedesktop.import1 with live progress bars.
 
 It covers the image, transfer and machine verbs of machinectl and importctl
-(systemd 262) and talks D-Bus only: the system bus through sdbus (honouring
-``$DBUS_SYSTEM_BUS_ADDRESS``).  It never imports the services' own packages,
-so it works against systemd's daemons as well as against ours.
+(systemd 262), with their output, and talks D-Bus only: the system bus
+through sdbus (honouring ``$DBUS_SYSTEM_BUS_ADDRESS``).  Of the services'
+packages it imports only ``imagepool.fmt`` (systemd's byte format, which
+importd's log lines use too), so it works against systemd's daemons as well
+as against ours.
 
 Why rich for the terminal
 -------------------------

@@ -14,6 +14,8 @@ from typing import Any
 from machinedpy_cli import fmt
 from machinedpy_cli.bus import Bus
 
+PROGRAM = "machined-py"
+
 
 @dataclass
 class Options:
@@ -33,9 +35,9 @@ class Options:
     force: bool = False
     verify: str = "signature"
     format: str | None = None
-    image_class: str | None = None   # None: machine (for listings: all classes)
+    image_class: str | None = None   # None: machine (list-images: machinectl's; list-transfers: all classes)
     keep_download: bool | None = None
-    json: str | None = None          # "pretty" or "short"
+    json: str | None = None          # "pretty", "short" (and from -o: "sse", "seq")
     detach: bool = False
     follow: bool = False
     max_addresses: int = 1
@@ -66,10 +68,12 @@ class Context:
         assert self.opts.json is not None
         self.emit(fmt.dump_json(value, self.opts.json))
 
-    def show_table(self, table: fmt.Table, word: str) -> int:
-        """show_table() of machinectl: the table (or JSON) and the legend."""
+    def show_table(self, table: fmt.Table, word: str, empty_json: bool = True) -> int:
+        """show_table() of machinectl: the table (or JSON) and the legend.
+        importctl's listings print no JSON for no rows (EMPTY_JSON false)."""
         if self.opts.json:
-            self.emit_json(table.to_json())
+            if table.rows or empty_json:
+                self.emit_json(table.to_json())
             return 0
         if table.rows:
             self.emit(table.render(header=self.opts.legend))

@@ -11,6 +11,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from imagepool.fmt import format_bytes as systemd_format_bytes
+
 UINT64_MAX = 2**64 - 1
 
 USEC_PER_MSEC = 1000
@@ -22,22 +24,14 @@ USEC_PER_WEEK = 7 * USEC_PER_DAY
 USEC_PER_MONTH = 2629800 * USEC_PER_SEC
 USEC_PER_YEAR = 31557600 * USEC_PER_SEC
 
-_IEC = [("E", 1024**6), ("P", 1024**5), ("T", 1024**4), ("G", 1024**3), ("M", 1024**2), ("K", 1024)]
-
 
 def format_bytes(n: int | None) -> str | None:
-    """FORMAT_BYTES: 1024-based, one digit below the point (truncated, not
-    rounded), a trailing B below 1K; None for unknown (UINT64_MAX)."""
+    """FORMAT_BYTES as systemd 262 prints it (imagepool.fmt: "10M", "8.5M",
+    "512B"); None for unknown (UINT64_MAX, as systemd's format_bytes()
+    returns NULL)."""
     if n is None or n == UINT64_MAX or n < 0:
         return None
-    for i, (suffix, factor) in enumerate(_IEC):
-        if n >= factor:
-            if i != len(_IEC) - 1:
-                digit = (n // _IEC[i + 1][1] * 10 // 1024) % 10
-            else:
-                digit = (n * 10 // factor) % 10
-            return f"{n // factor}.{digit}{suffix}"
-    return f"{n}B"
+    return systemd_format_bytes(n)
 
 
 _SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGTPE]?)(i?B)?\s*$")
@@ -61,8 +55,9 @@ def parse_size(text: str, base: int = 1024) -> int:
 
 
 def parse_logged_bytes(text: str) -> int | None:
-    """A size as the import workers log it ("16.0M", "512B"): the value, or
-    None.  Approximate, since the text has one digit below the point."""
+    """A size as the import workers log it ("16M", "8.5M", "512B"): the
+    value, or None.  Approximate, since the text has at most one digit
+    below the point."""
     m = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)([KMGTPE]|B)", text)
     if not m:
         return None
@@ -149,9 +144,14 @@ def format_duration(seconds: float) -> str:
 
 @dataclass
 class Column:
+    """A column: its cells inherit the alignment of the cell above them, as
+    format-table's do, so a header and its cells may differ (importctl's ID
+    and PROGRESS: a header on the left, numbers on the right)."""
+
     header: str                 # lower case; printed upper case, used as the JSON field name
-    right: bool = False         # aligned right (a column inherits its header's alignment)
+    right: bool = False         # cells aligned right
     json_name: str | None = None
+    header_right: bool | None = None    # None: as the cells
 
 
 @dataclass
@@ -203,13 +203,15 @@ class Table:
                 widths[j] = max(widths[j], *(len(line) for line in lines))
         out = []
         last = len(self.columns) - 1
-        for row in cells:
+        for r, row in enumerate(cells):
             height = max(len(lines) for lines in row)
             for k in range(height):
                 parts = []
                 for j, lines in enumerate(row):
                     text = lines[k] if k < len(lines) else ""
-                    if self.columns[j].right:
+                    column = self.columns[j]
+                    right = column.right if r or not header or column.header_right is None else column.header_right
+                    if right:
                         parts.append(text.rjust(widths[j]))
                     elif j == last:
                         parts.append(text)
@@ -224,10 +226,16 @@ class Table:
 
 
 def dump_json(value: Any, mode: str) -> str:
-    """--json=pretty (systemd's layout: tabs, " : ") or --json=short."""
+    """--json=pretty (systemd's layout: tabs, " : "), --json=short, and -o's
+    json-sse ("data: " and an empty line) and json-seq (after an RS)."""
     if mode == "pretty":
         return json.dumps(value, indent="\t", separators=(",", " : "), ensure_ascii=False) + "\n"
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False) + "\n"
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    if mode == "sse":
+        return f"data: {text}\n\n"
+    if mode == "seq":
+        return f"\x1e{text}\n"
+    return text + "\n"
 
 
 # --- properties (bus-print-properties.c) ---------------------------------------------------------------------------

@@ -12,8 +12,9 @@ from machinedpy_cli.fmt import UINT64_MAX, Column, Table, format_bytes, format_t
 
 
 async def list_images(ctx: Context, args: list[str]) -> int:
-    if ctx.opts.image_class not in (None, "machine"):
-        return await _list_images_import1(ctx)
+    """machinectl's list-images; with --class, importctl's."""
+    if ctx.opts.image_class is not None:
+        return await _list_images_import1(ctx, ctx.opts.image_class)
     try:
         (images,) = await ctx.bus.machine1("ListImages")
     except BusError as e:
@@ -23,29 +24,31 @@ async def list_images(ctx: Context, args: list[str]) -> int:
     for name, kind, ro, crtime, mtime, usage, _path in images:
         if name.startswith(".") and not ctx.opts.all:
             continue
-        table.add([name, kind, ro, None if usage == UINT64_MAX else usage, crtime, mtime],
+        table.add([name, kind, ro, _known(usage), _known(crtime), _known(mtime)],
                   [name, kind, "yes" if ro else "no", format_bytes(usage) or "", format_timestamp(crtime) or "-",
                    format_timestamp(mtime) or "-"])
     return ctx.show_table(table, "images")
 
 
-async def _list_images_import1(ctx: Context) -> int:
-    """Images of another class: importd's ListImages, as importctl shows them."""
+def _known(value: int) -> int | None:
+    """A size or time for JSON: null when unknown (UINT64_MAX)."""
+    return None if value == UINT64_MAX else value
+
+
+async def _list_images_import1(ctx: Context, image_class: str) -> int:
+    """importd's ListImages of one class, as importctl shows them: hidden
+    images too, sizes and times left-aligned, "-" for what is unknown."""
     try:
-        (images,) = await ctx.bus.import1("ListImages", "st", ctx.opts.image_class, 0)
+        (images,) = await ctx.bus.import1("ListImages", "st", image_class, 0)
     except BusError as e:
         return ctx.error(f"Could not list images: {e}")
-    table = Table([Column("class"), Column("name"), Column("type"), Column("path"), Column("ro"),
-                   Column("crtime"), Column("mtime"), Column("usage", right=True), Column("limit", right=True)],
+    table = Table([Column(c) for c in ("class", "name", "type", "path", "ro", "crtime", "mtime", "usage", "limit")],
                   ersatz="-", sort_by=(0, 1))
     for klass, name, kind, path, ro, crtime, mtime, usage, _ue, limit, _le in images:
-        if name.startswith(".") and not ctx.opts.all:
-            continue
-        table.add([klass, name, kind, path, ro, crtime or None, mtime or None,
-                   None if usage == UINT64_MAX else usage, None if limit == UINT64_MAX else limit],
+        table.add([klass, name, kind, path, ro, _known(crtime), _known(mtime), _known(usage), _known(limit)],
                   [klass, name, kind, path, "ro" if ro else "rw", format_timestamp(crtime), format_timestamp(mtime),
                    format_bytes(usage), format_bytes(limit)])
-    return ctx.show_table(table, "images")
+    return ctx.show_table(table, "images", empty_json=False)
 
 
 async def _image_path(ctx: Context, name: str) -> str | None:

@@ -1,4 +1,4 @@
-"""Machine verbs: list, status, show, terminate, kill (machinectl's calls
+"""Machine verbs: list, status, show, terminate, kill (machinectl 262's calls
 and output; ``status`` leaves out the unit's cgroup tree and journal, which
 come from systemd, not from machined)."""
 
@@ -12,6 +12,8 @@ from machinedpy_cli.bus import MACHINE1_PATH, BusError
 from machinedpy_cli.context import Context
 from machinedpy_cli.fmt import Column, Table, format_timestamp, format_timestamp_relative
 from machinedpy_cli.images import show_properties
+
+NO_SUCH_MACHINE = "org.freedesktop.machine1.NoSuchMachine"
 
 
 async def _os_release(ctx: Context, name: str) -> dict[str, str]:
@@ -86,7 +88,16 @@ def _ifname(ifindex: int) -> str | None:
         return None
 
 
+def _process_line(label: str, pid: int) -> str | None:
+    if pid <= 0:
+        return None
+    comm = _comm(pid)
+    return f"{label}: {pid}" + (f" ({comm})" if comm else "")
+
+
 async def _status_text(ctx: Context, props: dict[str, tuple[str, Any]]) -> str:
+    """machinectl 262's status of a machine (without the unit's processes
+    and journal, which come from systemd)."""
     def p(key: str, default: Any = None) -> Any:
         return props[key][1] if key in props else default
 
@@ -96,15 +107,17 @@ async def _status_text(ctx: Context, props: dict[str, tuple[str, Any]]) -> str:
     ts = p("Timestamp", 0)
     if fmt.timestamp_is_set(ts):
         out.append(f"\t   Since: {format_timestamp(ts)}; {format_timestamp_relative(ts)}")
-    leader = p("Leader", 0)
-    if leader > 0:
-        comm = _comm(leader)
-        out.append(f"\t  Leader: {leader}" + (f" ({comm})" if comm else ""))
+    for label, key in (("\t  Leader", "Leader"), ("\t Superv.", "Supervisor")):
+        line = _process_line(label, int(p(key, 0)))
+        if line:
+            out.append(line)
     service, klass = p("Service", ""), p("Class", "")
     if service:
         out.append(f"\t Service: {service}" + (f"; class {klass}" if klass else ""))
     elif klass:
         out.append(f"\t   Class: {klass}")
+    if p("UID", 0) != 0:
+        out.append(f"\t     UID: {p('UID')}")
     if p("RootDirectory"):
         out.append(f"\t    Root: {p('RootDirectory')}")
     ifindex = -1
@@ -128,11 +141,13 @@ async def _status_text(ctx: Context, props: dict[str, tuple[str, Any]]) -> str:
     try:
         (shift,) = await ctx.bus.machine1("GetMachineUIDShift", "s", name)
         if shift:
-            out.append(f"       UID Shift: {shift}")
+            out.append(f"\tID Shift: {shift}")
     except BusError:
         pass
     if p("Unit"):
         out.append(f"\t    Unit: {p('Unit')}")
+        if p("Subgroup", "") not in ("", "/"):
+            out.append(f"\tSubgroup: {p('Subgroup')}")
     return "".join(line + "\n" for line in out)
 
 
@@ -181,6 +196,10 @@ async def terminate(ctx: Context, args: list[str]) -> int:
         try:
             await ctx.bus.machine1("TerminateMachine", "s", name)
         except BusError as e:
+            if e.name == NO_SUCH_MACHINE:
+                # machinectl 262 looks the machine up over Varlink first (for a VM's control socket), and
+                # says so with Varlink's error name.
+                return ctx.error(f"Failed to look up machine '{name}': io.systemd.Machine.NoSuchMachine")
             return ctx.error(f"Could not terminate machine: {e}")
     return 0
 

@@ -1,20 +1,17 @@
-"""Command line: options (anywhere on the line, as getopt_long permutes
-them; for ``shell`` only before the machine name), verbs, exit status."""
+"""Command line: the help, the verbs and their numbers of arguments, exit
+status (the options are in ``options``)."""
 
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from machinedpy_cli import __version__, images, machines, names, shell, transfers
+from machinedpy_cli import __version__, images, machines, shell, transfer_views, transfers
 from machinedpy_cli.bus import Bus, BusError
-from machinedpy_cli.context import Context, Options
-
-PROGRAM = "machined-py"
+from machinedpy_cli.context import PROGRAM, Context, Options
+from machinedpy_cli.options import JSON_MODES, OUTPUT_MODES, UsageError, parse_args
 
 HELP = f"""\
 {PROGRAM} [OPTIONS...] COMMAND ...
@@ -75,6 +72,9 @@ Options:
   -l --full                   Do not ellipsize output
      --json=MODE              Output JSON (pretty, short, or off)
   -j                          Same as --json=pretty on a terminal, else short
+  -o --output=MODE            json, json-pretty, json-sse, json-seq: JSON
+                              output, as --json (other journal modes are
+                              accepted, as machinectl has them)
      --kill-whom=WHOM         Whom to send signal to (leader, all)
   -s --signal=SIGNAL          Which signal to send
      --uid=USER               Specify user ID to invoke shell as
@@ -86,7 +86,9 @@ Options:
      --format=FORMAT          Compression of exports (uncompressed, xz, gzip,
                               bzip2, zstd); by default from the file's suffix
      --class=CLASS            Image class (machine, portable, sysext, confext);
-                              default machine
+                              default machine; list-images with it lists
+                              that class as importctl does
+  -m -S -C                    Same as --class=machine, sysext, confext
      --keep-download=BOOL     Keep a pristine copy of a download (default: yes
                               for machine images)
   -N                          Same as --keep-download=no
@@ -95,196 +97,6 @@ Options:
      --follow                 With list-transfers: the same as watch
 """
 
-
-class UsageError(Exception):
-    pass
-
-
-# long name -> (short letter or "", takes an argument)
-LONG = {
-    "help": ("h", False), "version": ("", False), "property": ("p", True), "all": ("a", False),
-    "value": ("", False), "full": ("l", False), "no-pager": ("", False), "no-legend": ("", False),
-    "no-ask-password": ("", False), "kill-whom": ("", True), "signal": ("s", True), "quiet": ("q", False),
-    "read-only": ("", False), "force": ("", False), "verify": ("", True), "format": ("", True),
-    "uid": ("", True), "setenv": ("E", True), "class": ("", True), "keep-download": ("", True),
-    "json": ("", True), "detach": ("", False), "follow": ("", False), "max-addresses": ("", True),
-}
-SHORT = {short: long for long, (short, _arg) in LONG.items() if short}
-SHORT.update({"P": "P", "N": "N", "j": "j"})
-SHORT_ARG = {"P": True, "N": False, "j": False}
-
-
-def parse_signal(text: str) -> int:
-    if text.isdigit():
-        value = int(text)
-        if 0 < value < signal.NSIG:
-            return value
-        raise UsageError(f"Failed to parse signal string \"{text}\".")
-    upper = text.upper()
-    name = upper if upper.startswith("SIG") else "SIG" + upper
-    for base, start in (("SIGRTMIN", signal.SIGRTMIN), ("SIGRTMAX", signal.SIGRTMAX)):
-        if name == base:
-            return int(start)
-        if name.startswith(base + "+") or name.startswith(base + "-"):
-            try:
-                offset = int(name[len(base):])
-            except ValueError:
-                break
-            value = int(start) + offset
-            if signal.SIGRTMIN <= value <= signal.SIGRTMAX:
-                return value
-    try:
-        return int(signal.Signals[name])
-    except KeyError:
-        raise UsageError(f"Failed to parse signal string \"{text}\".") from None
-
-
-def _apply(opts: Options, name: str, value: str | None) -> str | None:
-    """Apply one option; returns "help" or "version" for those."""
-    if name == "help":
-        return "help"
-    if name == "version":
-        return "version"
-    if name == "property":
-        assert value is not None
-        opts.properties.extend(p for p in value.split(",") if p)
-    elif name == "P":
-        assert value is not None
-        opts.properties.append(value)
-        opts.value = True
-    elif name == "all":
-        opts.all = True
-    elif name == "value":
-        opts.value = True
-    elif name == "full":
-        opts.full = True
-    elif name == "no-pager":
-        opts.pager = False
-    elif name == "no-legend":
-        opts.legend = False
-    elif name == "no-ask-password":
-        opts.ask_password = False
-    elif name == "kill-whom":
-        opts.kill_whom = value
-    elif name == "signal":
-        assert value is not None
-        opts.signal = parse_signal(value)
-    elif name == "quiet":
-        opts.quiet = True
-    elif name == "read-only":
-        opts.read_only = True
-    elif name == "force":
-        opts.force = True
-    elif name == "verify":
-        if value not in ("no", "checksum", "signature"):
-            raise UsageError(f"Failed to parse --verify= setting: {value}")
-        opts.verify = value
-    elif name == "format":
-        if value not in names.FORMATS:
-            raise UsageError(f"Unknown format: {value}")
-        opts.format = value
-    elif name == "uid":
-        opts.uid = value
-    elif name == "setenv":
-        assert value is not None
-        if "=" not in value:
-            if value not in os.environ:
-                return None
-            value = f"{value}={os.environ[value]}"
-        key = value.split("=", 1)[0]
-        opts.setenv = [e for e in opts.setenv if e.split("=", 1)[0] != key] + [value]
-    elif name == "class":
-        if value not in names.CLASSES:
-            raise UsageError(f"Failed to parse --class= parameter: {value}")
-        opts.image_class = value
-    elif name == "keep-download":
-        assert value is not None
-        parsed = images.parse_boolean(value)
-        if parsed is None:
-            raise UsageError(f"Failed to parse --keep-download= value: {value}")
-        opts.keep_download = parsed
-    elif name == "N":
-        opts.keep_download = False
-    elif name == "json":
-        if value not in ("pretty", "short", "off"):
-            raise UsageError(f"Unknown argument to --json= switch: {value}")
-        opts.json = None if value == "off" else value
-        if opts.json:
-            opts.legend = False
-    elif name == "j":
-        opts.json = "pretty" if sys.stdout.isatty() else "short"
-        opts.legend = False
-    elif name == "detach":
-        opts.detach = True
-    elif name == "follow":
-        opts.follow = True
-    elif name == "max-addresses":
-        assert value is not None
-        if value == "all":
-            opts.max_addresses = 2**32 - 1
-        elif value.isdigit():
-            opts.max_addresses = int(value)
-        else:
-            raise UsageError(f"Invalid number of addresses: {value}")
-    return None
-
-
-def parse_args(argv: list[str]) -> tuple[Options, list[str], str | None]:
-    """(options, positional arguments, "help"/"version"/None)."""
-    opts = Options()
-    positional: list[str] = []
-    special: str | None = None
-    shell_verb = False
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg == "--":
-            positional.extend(argv[i + 1:])
-            break
-        if arg.startswith("--"):
-            name, eq, value = arg[2:].partition("=")
-            if name not in LONG:
-                raise UsageError(f"{PROGRAM}: unrecognized option '--{name}'")
-            takes = LONG[name][1]
-            if takes and not eq:
-                if i + 1 >= len(argv):
-                    raise UsageError(f"{PROGRAM}: option '--{name}' requires an argument")
-                i += 1
-                value = argv[i]
-            elif not takes and eq:
-                raise UsageError(f"{PROGRAM}: option '--{name}' doesn't allow an argument")
-            special = _apply(opts, name, value if takes else None) or special
-        elif arg.startswith("-") and arg != "-":
-            j = 1
-            while j < len(arg):
-                letter = arg[j]
-                if letter not in SHORT:
-                    raise UsageError(f"{PROGRAM}: invalid option -- '{letter}'")
-                long = SHORT[letter]
-                takes = SHORT_ARG[long] if long in SHORT_ARG else LONG[long][1]
-                value = None
-                if takes:
-                    if j + 1 < len(arg):
-                        value = arg[j + 1:]
-                    elif i + 1 < len(argv):
-                        i += 1
-                        value = argv[i]
-                    else:
-                        raise UsageError(f"{PROGRAM}: option requires an argument -- '{letter}'")
-                    j = len(arg)
-                else:
-                    j += 1
-                special = _apply(opts, long, value) or special
-        else:
-            positional.append(arg)
-            if len(positional) == 1 and arg == "shell":
-                shell_verb = True
-            elif shell_verb and len(positional) == 2:
-                # Everything after the machine is the command to run there.
-                positional.extend(argv[i + 1:])
-                break
-        i += 1
-    return opts, positional, special
 
 
 Verb = Callable[[Context, list[str]], Awaitable[int]]
@@ -328,9 +140,9 @@ VERBS: dict[str, VerbSpec] = {
     "import-fs": VerbSpec(1, 2, transfers.import_fs),
     "export-tar": VerbSpec(1, 2, _kind(transfers.export, "tar")),
     "export-raw": VerbSpec(1, 2, _kind(transfers.export, "raw")),
-    "list-transfers": VerbSpec(0, 0, transfers.list_transfers),
-    "cancel-transfer": VerbSpec(1, None, transfers.cancel_transfer),
-    "watch": VerbSpec(0, None, transfers.watch),
+    "list-transfers": VerbSpec(0, 0, transfer_views.list_transfers),
+    "cancel-transfer": VerbSpec(1, None, transfer_views.cancel_transfer),
+    "watch": VerbSpec(0, None, transfer_views.watch),
 }
 
 
@@ -364,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if special == "version":
         print(f"{PROGRAM} {__version__}")
+        return 0
+    if special in ("output-help", "json-help"):
+        sys.stdout.write("".join(m + "\n" for m in (OUTPUT_MODES if special == "output-help" else JSON_MODES)))
         return 0
     verb = positional[0] if positional else "list"
     args = positional[1:]

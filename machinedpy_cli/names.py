@@ -67,13 +67,11 @@ def url_last_component(url: str) -> str | None:
     return parts[-1] if parts else None
 
 
-def format_from_suffix(path: str, tar: bool) -> str | None:
-    """The compression an export gets from its file name, as importctl picks
-    it: .xz .gz .bz2 .zst, and for tar also .txz .tgz .tbz2 .tzst."""
-    table = [(".xz", "xz"), (".gz", "gzip"), (".bz2", "bzip2"), (".zst", "zstd")]
-    if tar:
-        table += [(".txz", "xz"), (".tgz", "gzip"), (".tbz2", "bzip2"), (".tzst", "zstd")]
-    for suffix, fmt in table:
+def format_from_suffix(path: str) -> str | None:
+    """The compression an export gets from its file name, as importctl 262
+    picks it: .xz .gz .bz2 .zst (importd makes out the rest, .tgz and the
+    like, itself, and says so)."""
+    for suffix, fmt in ((".xz", "xz"), (".gz", "gzip"), (".bz2", "bzip2"), (".zst", "zstd")):
         if path.endswith(suffix):
             return fmt
     return None

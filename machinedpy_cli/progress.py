@@ -6,8 +6,8 @@ numbers are known and which are not:
 * the fraction done: the Transfer's ``ProgressUpdate`` signal (and its
   ``Progress`` property, polled for daemons that have no such signal);
 * for pulls, the worker's log lines about the main download:
-  "Downloading 16.0M for URL." (the size, to one digit below the point, hence
-  shown with "~"), "Got 45% of URL. 8s left at 1.1M/s." (bytes done, the
+  "Downloading 16M for URL." (the size, to at most one digit below the point,
+  hence shown with "~"), "Got 45% of URL. 8s left at 1.1M/s." (bytes done, the
   daemon's rate and time left) and "Download of URL complete.";
 * for imports from a regular file, that file's size (exact), times the
   fraction done; for exports into a regular file, the bytes written so far

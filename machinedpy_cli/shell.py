@@ -12,6 +12,7 @@ import errno
 import fcntl
 import os
 import signal
+import stat
 import sys
 import termios
 import time
@@ -140,6 +141,22 @@ class Forwarder:
         loop.remove_writer(self.master)
 
 
+def _is_dev_null(fd: int) -> bool:
+    try:
+        st, null = os.fstat(fd), os.stat("/dev/null")
+    except OSError:
+        return False
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == null.st_rdev
+
+
+def terminal_is_dumb() -> bool:
+    """systemd's terminal_is_dumb(): output not to a terminal (and not all to
+    /dev/null), or $TERM unset or "dumb"."""
+    if not (os.isatty(1) and os.isatty(2)) and not (_is_dev_null(1) and _is_dev_null(2)):
+        return True
+    return os.environ.get("TERM", "dumb") == "dumb"
+
+
 async def shell(ctx: Context, args: list[str]) -> int:
     try:
         machine, user = parse_machine_uid(args[0] if args else None, ctx.opts.uid)
@@ -148,9 +165,14 @@ async def shell(ctx: Context, args: list[str]) -> int:
     path = args[1] if len(args) >= 2 and args[1] else ""
     argv = args[1:] if len(args) > 2 else []
     env = list(ctx.opts.setenv)
-    for var in ("TERM", "COLORTERM", "NO_COLOR"):
-        if not any(e.startswith(var + "=") for e in env) and var in os.environ:
-            env.append(f"{var}={os.environ[var]}")
+    if terminal_is_dumb():
+        # machinectl 262: a dumb terminal or a pipe gets TERM=dumb (no escape sequences from the shell).
+        if not any(e.startswith("TERM=") for e in env):
+            env.append("TERM=dumb")
+    else:
+        for var in ("TERM", "COLORTERM", "NO_COLOR"):
+            if not any(e.startswith(var + "=") for e in env) and var in os.environ:
+                env.append(f"{var}={os.environ[var]}")
 
     removed = asyncio.get_running_loop().create_future()
 

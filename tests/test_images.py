@@ -239,7 +239,7 @@ def test_quota(pool: Pool, daemons: Daemons) -> None:
     os.sync()
     status = subprocess.run([sys.executable, "-m", "machinedpy_cli", "image-status", "sv1"], capture_output=True,
                             text=True, timeout=60, cwd=world.SOURCES).stdout
-    assert "\t   Limit: 100.0M (reached its limit)" in status.splitlines(), status
+    assert "\t   Limit: 100M (reached its limit)" in status.splitlines(), status
     assert "Usage: unknown" not in status
     os.unlink(pool / "sv1/big")
     ok("set-limit", "sv1", "none")
