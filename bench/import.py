@@ -70,9 +70,12 @@ The machine's limit (bench/limits.py; ``--no-limit`` skips it), the same
 work done by standard tools on the local file: raw and qcow2 ``curl -o
 POOL/... file://FILE`` + syncfs; xz ``xz -d -T2`` and ``-T1`` (the faster
 counts); gzip ``igzip -d`` (package isal, apt-get installed if missing);
-zstd ``zstd -d``; tar ``tar -x`` of the uncompressed tar into a btrfs
-subvolume + syncfs, and the decompression (the slower counts).  Our median
-time is printed as a percentage of the limit's median.
+zstd ``zstd -d``; each with the write
+of the decompressed image, ``cp --sparse=always`` of disk.raw into the pool
++ syncfs (the slower stage counts); tar ``tar -x`` of the uncompressed tar
+into a btrfs subvolume + syncfs, and the decompression (the slower
+counts).  The limit's median is printed as a percentage of our median time
+including the sync after machinectl returned (every limit ends with one).
 
 Peak RSS: our importd's VmHWM (from /proc/PID/status just before it is
 stopped; the daemon is restarted for every run, so this is per import), and

@@ -65,10 +65,12 @@ content; tar: file, symlink and byte counts).
 The machine's limit (bench/limits.py; ``--no-limit`` skips it): raw and
 qcow2 ``curl -o`` from the same nginx into the pool + syncfs; xz ``xz -d
 -T2`` and ``-T1`` of the same file (the faster counts); gzip ``igzip -d``
-(package isal, apt-get installed if missing); zstd ``zstd -d``; tar ``tar
--x`` of the uncompressed tar into a btrfs subvolume + syncfs, and the
-decompression (the slower counts).  Our median time is printed as a
-percentage of the limit's median.
+(package isal, apt-get installed if missing); zstd ``zstd -d``; each with the write
+of the decompressed image, ``cp --sparse=always`` of disk.raw into the pool
++ syncfs (the slower stage counts); tar ``tar -x`` of the uncompressed tar
+into a btrfs subvolume + syncfs, and the decompression (the slower
+counts).  The limit's median is printed as a percentage of our median time
+including the sync after machinectl returned (every limit ends with one).
 
 systemd 252's pulls sometimes hang forever.  Each pull has a timeout
 (``--hang-timeout``, default 300 s, 150 s with --quick; once a pull of the

@@ -134,18 +134,23 @@ async def import_file(ctx: Context, args: list[str], kind: str) -> int:
         except OSError as e:
             return ctx.error(f"Failed to open {path}: {e.strerror}")
     try:
-        method = "ImportTar" if kind == "tar" else "ImportRaw"
-        klass = _class(ctx)
-        flags = (FLAG_FORCE if ctx.opts.force else 0) | (FLAG_READ_ONLY if ctx.opts.read_only else 0)
-        ex = (f"{method}Ex", "hsst", (fd, local, klass, flags))
-        old = (method, "hsbb", (fd, local, ctx.opts.force, ctx.opts.read_only)) if klass == "machine" else None
-        state = TransferState(0, "", type=f"import-{kind}", local=local, image_class=klass, input_size=_input_size(fd))
+        state = TransferState(0, "", type=f"import-{kind}", local=local, image_class=_class(ctx),
+                              input_size=_input_size(fd))
         if state.input_size is not None:
             state.total, state.total_exact = state.input_size, True
-        return await _start_transfer(ctx, ex, old, state)
+        return await _start_import(ctx, "ImportTar" if kind == "tar" else "ImportRaw", fd, state)
     finally:
         if fd != 0:
             os.close(fd)
+
+
+async def _start_import(ctx: Context, method: str, fd: int, state: TransferState) -> int:
+    """METHOD's Ex form (class and flags), or the old form for the machine class (importd 252)."""
+    flags = (FLAG_FORCE if ctx.opts.force else 0) | (FLAG_READ_ONLY if ctx.opts.read_only else 0)
+    ex = (f"{method}Ex", "hsst", (fd, state.local, state.image_class, flags))
+    old = (method, "hsbb", (fd, state.local, ctx.opts.force, ctx.opts.read_only)) \
+        if state.image_class == "machine" else None
+    return await _start_transfer(ctx, ex, old, state)
 
 
 async def import_fs(ctx: Context, args: list[str]) -> int:
@@ -166,13 +171,8 @@ async def import_fs(ctx: Context, args: list[str]) -> int:
         except OSError as e:
             return ctx.error(f"Failed to open directory '{path}': {e.strerror}")
     try:
-        klass = _class(ctx)
-        flags = (FLAG_FORCE if ctx.opts.force else 0) | (FLAG_READ_ONLY if ctx.opts.read_only else 0)
-        ex = ("ImportFileSystemEx", "hsst", (fd, local, klass, flags))
-        old = ("ImportFileSystem", "hsbb", (fd, local, ctx.opts.force, ctx.opts.read_only)) \
-            if klass == "machine" else None
-        state = TransferState(0, "", type="import-fs", local=local, image_class=klass)
-        return await _start_transfer(ctx, ex, old, state)
+        state = TransferState(0, "", type="import-fs", local=local, image_class=_class(ctx))
+        return await _start_import(ctx, "ImportFileSystem", fd, state)
     finally:
         if fd != 0:
             os.close(fd)
