@@ -19,7 +19,7 @@ from sdbus.dbus_proxy_async_method import DbusMethodAsync
 from sdbus.dbus_proxy_async_property import DbusPropertyAsync
 from sdbus.sd_bus_internals import DBUS_ERROR_TO_EXCEPTION, SdBusInterface, SdBusMessage
 
-from imagepool import authz
+from imagepool import authz, polkit
 from imagepool.authz import Caller
 from imagepool.errors import AccessDenied, PoolError, dbus_name, errno_dbus_name
 
@@ -148,10 +148,12 @@ def _daemon() -> _DBusDaemon:
 
 async def caller() -> Caller:
     """The peer whose method call is being handled."""
-    sender = sdbus.get_current_message().sender
+    message = sdbus.get_current_message()
+    sender = message.sender
     if sender is None:
         raise AccessDenied("Access denied")
-    return Caller(uid=await _daemon().get_connection_unix_user(sender), bus_name=sender)
+    return Caller(uid=await _daemon().get_connection_unix_user(sender), bus_name=sender,
+                  interactive=polkit.allows_interactive(message))
 
 
 def current_method() -> str:

@@ -80,6 +80,27 @@ class PermissionDenied(Errno):
         super().__init__(errno.EACCES, message)
 
 
+class InteractiveAuthorizationRequired(PoolError):
+    """polkit would ask the caller to authenticate, and the caller did not
+    allow interactive authorization: systemd 262's words (252 said
+    "Interactive authentication required.")."""
+
+    def __init__(self) -> None:
+        super().__init__("Access denied as the requested operation requires interactive authentication. However, "
+                         "interactive authentication has not been enabled by the calling program.")
+
+
+class PolkitFailure(Errno):
+    """polkit answered CheckAuthorization with an error other than the ones
+    systemd takes for "no" (or did not answer in time): passed on under its
+    own NAME on D-Bus; over Varlink the errno sd-bus gives that name, as
+    io.systemd.System."""
+
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(_errno_of_dbus_name(name), message)
+        self.name = name
+
+
 class RemoteError(PoolError):
     """An error another service (systemd, a machine's bus) answered us with:
     passed on to our caller under its own name."""
@@ -209,6 +230,8 @@ NAMES: dict[type[PoolError], Names] = {
     NoUIDShift: Names("org.freedesktop.DBus.Error.NotSupported", "io.systemd.Machine.NoUIDShift"),
     NoIPC: Names("org.freedesktop.DBus.Error.FileNotFound", "io.systemd.Machine.NoIPC"),
     PermissionDenied: Names("org.freedesktop.DBus.Error.AccessDenied", "org.varlink.service.PermissionDenied"),
+    InteractiveAuthorizationRequired: Names("org.freedesktop.DBus.Error.InteractiveAuthorizationRequired",
+                                            "io.systemd.InteractiveAuthenticationRequired"),
     JobFailed: Names("org.freedesktop.systemd1.JobFailed"),
     TransferInProgress: Names("org.freedesktop.import1.TransferInProgress", "io.systemd.Import.AlreadyInProgress"),
     NoSuchTransfer: Names("org.freedesktop.import1.NoSuchTransfer"),
@@ -247,6 +270,22 @@ def errno_dbus_name(code: int) -> str:
     return f"System.Error.{symbol}" if symbol else _FAILED
 
 
+def _errno_of_dbus_name(name: str) -> int:
+    """The errno sd-bus gives a D-Bus error NAME (EIO for names it does not know)."""
+    if name.startswith("System.Error."):
+        return int(getattr(errno, name.removeprefix("System.Error."), errno.EIO))
+    known = {"org.freedesktop.DBus.Error.AccessDenied": errno.EACCES, "org.freedesktop.DBus.Error.Failed": errno.EACCES,
+             "org.freedesktop.DBus.Error.NoReply": errno.ETIMEDOUT,
+             "org.freedesktop.DBus.Error.UnknownMethod": errno.EBADR,
+             "org.freedesktop.DBus.Error.UnknownObject": errno.EBADR}
+    if name in known:
+        return known[name]
+    for code, generic in _GENERIC_ERRNO_NAMES.items():
+        if generic == name:
+            return code
+    return errno.EIO
+
+
 def _names(exc: PoolError) -> Names:
     """The names of EXC's class, or of the nearest base class in the table."""
     for cls in type(exc).__mro__:
@@ -258,6 +297,8 @@ def _names(exc: PoolError) -> Names:
 
 def dbus_name(exc: PoolError) -> str:
     """The D-Bus error name of a domain error."""
+    if isinstance(exc, PolkitFailure):
+        return exc.name
     if isinstance(exc, (Errno, MetadataError)):
         return errno_dbus_name(exc.errno)
     if isinstance(exc, RemoteError):
@@ -272,6 +313,8 @@ def varlink_name(exc: PoolError, interface: str) -> str:
     """The Varlink error name of a domain error, served on INTERFACE;
     io.systemd.System (with the errno as parameter) where there is none."""
     names = _names(exc)
+    if isinstance(exc, PolkitFailure) and exc.errno in (errno.EACCES, errno.EPERM):
+        return NAMES[PermissionDenied].varlink or VARLINK_ERRNO  # as systemd's varlink_verify_polkit_async()
     if isinstance(exc, Errno) and type(exc) not in NAMES:
         return VARLINK_ERRNO
     name = names.varlink

@@ -34,6 +34,7 @@ from imagepool.errors import (
     InvalidArgs,
     MetadataError,
     PermissionDenied,
+    PolkitFailure,
     PoolError,
     TransferInProgress,
     varlink_name,
@@ -72,6 +73,7 @@ class Call:
     oneway: bool
     peercred: tuple[int, int, int]  # pid, uid, gid
     fds: list[int] = field(default_factory=list)  # received with the call, valid while it runs
+    sock: socket.socket | None = None  # the connection's (polkit names the caller by its peer's pidfd)
 
     def __getitem__(self, name: str) -> typing.Any:
         return self.parameters[name]
@@ -79,7 +81,9 @@ class Call:
     @property
     def caller(self) -> Caller:
         pid, uid, _gid = self.peercred
-        return Caller(uid=uid, pid=pid, interactive=bool(self.parameters.get("allowInteractiveAuthentication")))
+        # A non-boolean allowInteractiveAuthentication is ignored, as systemd ignores it.
+        return Caller(uid=uid, pid=pid, interactive=self.parameters.get("allowInteractiveAuthentication") is True,
+                      socket=self.sock)
 
 
 @dataclass
@@ -113,8 +117,8 @@ def to_error(exc: BaseException, interface: str) -> Error:
         return exc
     if isinstance(exc, varlink_idl.BadParameter):
         return invalid_parameter(exc.parameter)
-    if isinstance(exc, PermissionDenied):  # an errno on D-Bus, a name of its own here
-        return Error(varlink_name(exc, interface))
+    if isinstance(exc, (PermissionDenied, PolkitFailure)) and varlink_name(exc, interface) != "io.systemd.System":
+        return Error(varlink_name(exc, interface))  # an errno on D-Bus, a name of its own here
     if isinstance(exc, (Errno, OSError, MetadataError)) or not isinstance(exc, PoolError):
         code = exc.errno if isinstance(exc, (Errno, OSError, MetadataError)) and exc.errno else errno.EIO
         if not isinstance(exc, (Errno, OSError, MetadataError)):
@@ -258,7 +262,8 @@ class _Connection(varlink.Connection):
             params = varlink_idl.check_call(iface, call.method_name, dict(call.parameters))
         except varlink_idl.BadParameter as e:
             raise GenericVarlinkErrorReply("org.varlink.service.InvalidParameter", {"parameter": e.parameter}) from None
-        request = Call(iface.name, call.method_name, params, call.more, call.oneway, self.peercred, received)
+        sock = self._transport.get_extra_info("socket") if self._transport is not None else None
+        request = Call(iface.name, call.method_name, params, call.more, call.oneway, self.peercred, received, sock)
         future = asyncio.ensure_future(self._run(handlers[call.method_name], request))
         if call.more:
             self._streams.add(future)

@@ -10,7 +10,9 @@ that they still catch every other difference:
 - a subvolume has a modification time (its root item's last change);
 - a failed rename says "Failed to rename image: ..." after machinectl's words;
 - PullTar and PullRaw (the methods of machinectl 252) keep no copy of the
-  download: importctl asks for that with PullTarEx/PullRawEx.
+  download: importctl asks for that with PullTarEx/PullRawEx;
+- when polkit wants an authentication the caller did not allow, the message
+  is no longer "Interactive authentication required." but 262's longer one.
 """
 
 from __future__ import annotations
@@ -78,7 +80,8 @@ def _show_type(lines: list[str]) -> str:
 def _as_262(line: str, lines: list[str], i: int) -> str:
     if line.startswith("Could not rename image: ") and not line.startswith("Could not rename image: Failed"):
         reason = line[len("Could not rename image: "):]
-        if reason and reason[0].isupper() and "'" not in reason and reason != "Access denied":  # an errno
+        refusals = ("Access denied", INTERACTIVE_252, INTERACTIVE_262)  # polkit's, before the rename
+        if reason and reason[0].isupper() and "'" not in reason and reason not in refusals:  # an errno
             return f"Could not rename image: Failed to rename image: {reason}"
     return line
 
@@ -150,3 +153,13 @@ def transfer_output(text: str, *, ours: bool) -> str:
         if line.startswith(("Pulling '", "Importing '")) and " saving as '" in line:
             out.append("Operating on image directory '/var/lib/machines'.")
     return "\n".join(out) + ("\n" if text.endswith("\n") else "")
+
+
+INTERACTIVE_252 = "Interactive authentication required."
+INTERACTIVE_262 = ("Access denied as the requested operation requires interactive authentication. However, "
+                   "interactive authentication has not been enabled by the calling program.")
+
+
+def interactive_auth_message(text: str) -> str:
+    """252's answer to a caller polkit wants to authenticate, as 262 words it."""
+    return text.replace(INTERACTIVE_252, INTERACTIVE_262)

@@ -262,13 +262,15 @@ def test_non_root_callers(pool: Pool, machined_only: Daemons, tmp_path: Path) ->
             assert machinectl("show", "evil").returncode != 0
             assert sleeper.poll() is None
 
-            # Looking is allowed.
+            # Looking is allowed, but for the os-release, which systemd 262 asks polkit for (inspect-machines:
+            # refused here, without polkit; tests/test_polkit.py grants it).
             r = as_nobody("machinectl", "--no-pager", "status", "pu2")
             assert r.returncode == 0, r.stderr
-            assert re.search(r"^\s*OS: BusyBox$", r.stdout, re.M) and f"UID Shift: {shift}" in r.stdout, r.stdout
+            assert not re.search(r"^\s*OS: ", r.stdout, re.M) and f"UID Shift: {shift}" in r.stdout, r.stdout
             r = as_nobody("busctl", "--system", "call", *MANAGER, "GetMachineOSRelease", "s", "pu2")
-            assert r.returncode == 0, r.stderr
-            assert r.stdout.strip() == 'a{ss} 3 "ID" "busybox" "VERSION_ID" "1.35" "PRETTY_NAME" "BusyBox"'
+            assert r.returncode != 0 and "Access denied" in r.stderr, r.stderr
+            r = machinectl("--no-pager", "status", "pu2")  # root
+            assert re.search(r"^\s*OS: BusyBox$", r.stdout, re.M), r.stdout
             r = as_nobody("busctl", "--system", "call", *MANAGER, "MapToMachineUser", "u", str(shift + 5))
             assert r.returncode == 0, r.stderr
             assert r.stdout.strip() == f'sou "pu2" "{machine_path("pu2")}" 5'

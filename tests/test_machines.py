@@ -426,6 +426,8 @@ def test_unprivileged_errors_match_reference(pool: Pool, daemons: Daemons) -> No
     ours = run_all()
     assert sum("Permission denied" in line for line in reference) >= 10, reference
     for call, theirs, mine in zip(UNPRIVILEGED_CALLS, reference, ours, strict=True):
+        if call[1] == "GetMachineOSRelease":  # systemd 262 asks polkit (inspect-machines) for it; 252 did not
+            theirs = "Error: GDBus.Error:org.freedesktop.DBus.Error.AccessDenied: Permission denied"
         assert mine == theirs, call
 
 

@@ -25,6 +25,7 @@ INTERFACE = "org.freedesktop.import1.Manager"
 PULL = f"{IMPORT1}.pull"
 IMPORT = f"{IMPORT1}.import"
 EXPORT = f"{IMPORT1}.export"
+CANCEL = f"{IMPORT1}.cancel"
 
 T = TypeVar("T")
 Started = tuple[int, str]
@@ -71,9 +72,9 @@ class ImportManagerObject(DbusInterfaceCommonAsync, interface_name=INTERFACE):
 
     async def _pull(self, type: TransferType, url: str, local_name: str, image_class: str, verify_mode: str,
                     flags: int, ex: bool = False) -> Started:
-        # Polkit first (newer systemd checks the Ex forms' arguments after it too).
-        await dbus.authorize(PULL, {"remote": url, "local": local_name, "class": image_class,
-                                    "verify": verify_mode})
+        # Polkit first (newer systemd checks the Ex forms' arguments after it too), without details, as
+        # systemd asks for every import1 action over D-Bus.
+        await dbus.authorize(PULL)
         if ex:
             domain.check_class(image_class)
             domain.check_flags(flags, FLAG_FORCE | FLAG_READ_ONLY | FLAG_PULL_KEEP_DOWNLOAD)
@@ -113,7 +114,7 @@ class ImportManagerObject(DbusInterfaceCommonAsync, interface_name=INTERFACE):
     async def pull_oci(self, ref: str, local_name: str, image_class: str, flags: int) -> Started:
         """systemd 262's PullOci; REF may also be oci:/oci-archive:/docker-archive:PATH (offline), and the
         flags take FLAG_PULL_OCI_FLATTEN besides force and read-only."""
-        await dbus.authorize(PULL, {"remote": ref, "local": local_name, "class": image_class, "verify": "no"})
+        await dbus.authorize(PULL)
         domain.check_class(image_class)
         domain.check_flags(flags, FLAG_FORCE | FLAG_READ_ONLY | FLAG_PULL_OCI_FLATTEN)
         domain.check_oci_pull(ref, local_name)
@@ -126,7 +127,7 @@ class ImportManagerObject(DbusInterfaceCommonAsync, interface_name=INTERFACE):
 
     async def _import(self, type: TransferType, fd: int, name: str, image_class: str, flags: int) -> Started:
         async def checks() -> None:
-            await dbus.authorize(IMPORT, {"local": name, "class": image_class})
+            await dbus.authorize(IMPORT)
             if type == TransferType.IMPORT_FS:
                 domain.check_dir_fd(fd)
             else:
@@ -188,7 +189,7 @@ class ImportManagerObject(DbusInterfaceCommonAsync, interface_name=INTERFACE):
             if flags is not None:  # the Ex forms
                 domain.check_class(image_class)
                 domain.check_flags(flags, 0)
-            await dbus.authorize(EXPORT, {"local": name, "class": image_class, "format": fmt})
+            await dbus.authorize(EXPORT)
             domain.check_stream_fd(fd)
             domain.check_local_name(name, _legacy())
 
@@ -240,7 +241,7 @@ class ImportManagerObject(DbusInterfaceCommonAsync, interface_name=INTERFACE):
 
     @dbus.method("u", "", "CancelTransfer", ["transfer_id"])
     async def cancel_transfer(self, transfer_id: int) -> None:
-        await dbus.authorize(f"{IMPORT1}.cancel", {"id": str(transfer_id)})
+        await dbus.authorize(CANCEL)  # before the id is looked at, as systemd
         self.manager.cancel(self.manager.get(transfer_id))
 
     # --- signals -----------------------------------------------------------------------

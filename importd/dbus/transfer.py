@@ -9,7 +9,8 @@ from importd.manager import ImportManager
 from importd.transfer import Transfer, TransferListener
 
 INTERFACE = "org.freedesktop.import1.Transfer"
-CANCEL = "org.freedesktop.import1.cancel"
+# systemd asks for "pull" (not "cancel") to cancel through a Transfer object, without details.
+CANCEL = "org.freedesktop.import1.pull"
 
 PROPERTIES = [
     ("Id", "u", "id", DbusPropertyConstFlag),
@@ -47,7 +48,7 @@ class TransferObject(DbusInterfaceCommonAsync, TransferListener, interface_name=
 
     @dbus.method("", "", "Cancel")
     async def cancel(self) -> None:
-        await dbus.authorize(CANCEL, {"id": str(self.transfer.id)})
+        await dbus.authorize(CANCEL)
         self.manager.cancel(self.transfer)
 
     @dbus_signal_async("us", signal_name="LogMessage", signal_args_names=["priority", "line"])

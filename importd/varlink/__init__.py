@@ -103,8 +103,10 @@ class ImportInterface:
         if image_root is not None and not domain.image_root_is_valid(image_root):
             raise invalid_parameter("imageRoot")
         verify = call["verify"] or "signature"
-        await authz.authorize(call.caller, PULL, {"remote": remote, "local": local, "class": call["class"],
-                                                  "verify": verify})
+        # systemd's details, which end where "local" is missing (STRV_MAKE stops at its NULL).
+        await authz.authorize(call.caller, PULL, authz.detail_pairs("remote", remote, "local", local or None,
+                                                                    "class", call["class"], "type", call["type"],
+                                                                    "verify", verify))
         mode = domain.check_pull(remote, local, verify, legacy=False)
         type = TransferType.PULL_TAR if call["type"] == "tar" else TransferType.PULL_RAW
         transfer = await self.manager.start_pull(

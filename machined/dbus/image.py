@@ -135,5 +135,6 @@ async def mark_image_read_only(manager: ImageManager, image: Image, read_only: b
 
 
 async def set_image_limit(manager: ImageManager, image: Image, limit: int) -> None:
-    await dbus.authorize(MANAGE_IMAGES, _details(image, "set_limit"))
+    # "machine", not "image": systemd 262's details for SetLimit
+    await dbus.authorize(MANAGE_IMAGES, {"machine": image.name, "verb": "set_limit"})
     await manager.set_limit(image, limit)

@@ -25,6 +25,7 @@ INTERFACE = "org.freedesktop.machine1.Machine"
 PATH_PREFIX = "/org/freedesktop/machine1/machine"
 SELF_PATH = f"{PATH_PREFIX}/self"
 MANAGE_MACHINES = f"{MACHINE1}.manage-machines"
+INSPECT_MACHINES = f"{MACHINE1}.inspect-machines"
 
 C = DbusPropertyConstFlag
 # (name, signature, attribute of the Machine, flags), in systemd's order; Scope is Unit's deprecated alias.
@@ -70,7 +71,7 @@ class MachineObject(DbusInterfaceCommonAsync, interface_name=INTERFACE):
 
     @dbus.method("", "a{ss}", "GetOSRelease", result_names=["fields"])
     async def get_os_release(self) -> dict[str, str]:
-        return await self.manager.get_os_release(self.machine)
+        return await get_os_release(self.manager, self.machine)
 
     @dbus.method("", "u", "GetUIDShift", result_names=["shift"])
     async def get_uid_shift(self) -> int:
@@ -146,6 +147,12 @@ def _details(m: Machine, verb: str, **more: str) -> dict[str, str]:
     return {"machine": m.name, "verb": verb, **more}
 
 
+async def get_os_release(manager: MachineManager, m: Machine) -> dict[str, str]:
+    # systemd 262 asks polkit for this one (not for the addresses, the UID shift or the SSH info).
+    await dbus.authorize(INSPECT_MACHINES, _details(m, "get_os_release"))
+    return await manager.get_os_release(m)
+
+
 async def terminate(manager: MachineManager, m: Machine) -> None:
     await dbus.authorize(MANAGE_MACHINES, _details(m, "terminate"))
     await manager.terminate(m)
@@ -172,14 +179,14 @@ async def open_pty(manager: MachineManager, m: Machine) -> tuple[int, str]:
 
 
 async def open_login(manager: MachineManager, m: Machine) -> tuple[int, str]:
-    await dbus.authorize(_host_or(m, "login"), {"machine": m.name})
+    await dbus.authorize(_host_or(m, "login"), {"machine": m.name, "verb": "login"})
     return await _returning_fd(manager.open_login(m))
 
 
 async def open_shell(manager: MachineManager, m: Machine, user: str, path: str, args: list[str],
                      env: list[str]) -> tuple[int, str]:
-    details = {"machine": m.name, "user": user or "root", "program": path, "command_line": " ".join(args)}
-    await dbus.authorize(_host_or(m, "shell"), details)
+    # (no "verb" here, unlike Varlink's: systemd 262's details)
+    await dbus.authorize(_host_or(m, "shell"), {"machine": m.name, **ops.shell_polkit_details(user, path, args)})
     return await _returning_fd(manager.open_shell(m, user, path, args, env))
 
 

@@ -14,7 +14,7 @@ from imagepool import dbus
 from imagepool.authz import MACHINE1
 from machined.dbus import image as image_dbus
 from machined.dbus import machine as machine_dbus
-from machined.dbus.image import MANAGE_IMAGES, image_object_path
+from machined.dbus.image import image_object_path
 from machined.dbus.machine import MANAGE_MACHINES, machine_object_path
 from machined.images import ImageManager
 from machined.machine import Machine
@@ -80,7 +80,9 @@ class ManagerObject(DbusInterfaceCommonAsync, interface_name=INTERFACE):
                            scope_properties: Properties | None = None) -> str:
         """The Ex forms: their arguments, then polkit."""
         req = parse_ex(self.machines.registry, name, properties, await dbus.caller_pid())
-        action = "create-machine" if create else "register-machine"
+        # "create-machines" (sic) is systemd 262's id for CreateMachineEx, one its policy does not define
+        # (polkit then refuses everybody but root); "create-machine" is what Varlink's Register asks.
+        action = "create-machines" if create else "register-machine"
         await dbus.authorize(f"{MACHINE1}.{action}", {"name": name, "class": req.class_text})
         return await self._register_checked(req, create, scope_properties)
 
@@ -146,7 +148,7 @@ class ManagerObject(DbusInterfaceCommonAsync, interface_name=INTERFACE):
 
     @dbus.method("s", "a{ss}", "GetMachineOSRelease", ["name"], ["fields"])
     async def get_machine_os_release(self, name: str) -> dict[str, str]:
-        return await self.machines.get_os_release(self.machines.get(name))
+        return await machine_dbus.get_os_release(self.machines, self.machines.get(name))
 
     @dbus.method("s", "u", "GetMachineUIDShift", ["name"], ["shift"])
     async def get_machine_uid_shift(self, name: str) -> int:
@@ -283,7 +285,8 @@ class ManagerObject(DbusInterfaceCommonAsync, interface_name=INTERFACE):
 
     @dbus.method("t", "", "SetPoolLimit", ["size"])
     async def set_pool_limit(self, size: int) -> None:
-        await dbus.authorize(MANAGE_IMAGES, {"verb": "set_pool_limit"})
+        # manage-machines, not manage-images: systemd's (252 and 262) action for the pool's methods.
+        await dbus.authorize(MANAGE_MACHINES, {"verb": "set_pool_limit"})
         await self.images.set_pool_limit(size)
 
     @dbus.method("st", "", "SetImageLimit", ["name", "size"])
@@ -293,5 +296,5 @@ class ManagerObject(DbusInterfaceCommonAsync, interface_name=INTERFACE):
     @dbus.method("s", "a(st)", "CleanPool", ["mode"], ["images"])
     async def clean_pool(self, mode: str) -> list[tuple[str, int]]:
         self.images.check_clean_mode(mode)
-        await dbus.authorize(MANAGE_IMAGES, {"verb": "clean_pool", "mode": mode})
+        await dbus.authorize(MANAGE_MACHINES, {"verb": "clean_pool", "mode": mode})
         return await self.images.clean(mode)

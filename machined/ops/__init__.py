@@ -46,12 +46,13 @@ from machined.ops.idmap import (
 from machined.ops.kill import check_kill, finish_terminate, kill, start_terminate, terminate
 from machined.ops.mounts import bind_mount, check_bind_mount
 from machined.ops.pty import open_pty
-from machined.ops.shell import open_login, open_shell, shell_command, shell_unit_properties
+from machined.ops.shell import open_login, open_shell, shell_command, shell_polkit_details, shell_unit_properties
 
 __all__ = [
     "COPY_REPLACE", "bind_mount", "check_bind_mount", "check_copy_paths", "check_copyable", "check_kill", "copy_from",
     "copy_to", "finish_terminate", "get_addresses", "get_os_release", "get_uid_shift", "kill", "map_from_machine",
     "map_from_machine_group", "map_from_machine_user", "map_to_machine", "map_to_machine_group",
     "map_to_machine_user", "open_login", "open_pty", "open_root_directory", "open_shell", "shell_command",
+    "shell_polkit_details",
     "shell_unit_properties", "start_terminate", "terminate",
 ]

@@ -109,6 +109,24 @@ _LOGIN_SHELL_SCRIPT = (
 )
 
 
+# systemd 262's machine_default_shell_args(): what polkit is told a shell without a program runs.
+_DEFAULT_SHELL_SCRIPT = (
+    'shell=$(getent passwd "$1" 2>/dev/null | { IFS=: read _ _ _ _ _ _ x; echo "$x"; })\n'
+    'exec "${shell:-/bin/sh}" -l'
+)
+
+
+def shell_polkit_details(user: str, path: str, args: list[str]) -> dict[str, str]:
+    """The user, program and command line of a shell as systemd 262 names
+    them to polkit (user root, and its default shell, when not given)."""
+    user = user or "root"
+    if not path:
+        path, argv = "/bin/sh", ["sh", "-c", _DEFAULT_SHELL_SCRIPT, "sh", user]
+    else:
+        argv = list(args) if args else [path]
+    return {"user": user, "program": path, "command_line": " ".join(argv)}
+
+
 def _env_name_valid(name: str) -> bool:
     return bool(name) and not name[0].isdigit() and all(c.isascii() and (c.isalnum() or c == "_") for c in name)
 

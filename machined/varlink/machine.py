@@ -96,7 +96,8 @@ class MachineInterface:
         raise invalid_parameter("name")
 
     async def _authorize(self, call: Call, m: Machine, verb: str, **more: str) -> None:
-        await authz.authorize(call.caller, MANAGE_MACHINES, {"machine": m.name, "verb": verb, **more})
+        # "name", where the D-Bus side says "machine" (systemd 262's details)
+        await authz.authorize(call.caller, MANAGE_MACHINES, {"name": m.name, "verb": verb, **more})
 
     # --- registration -------------------------------------------------------------------
 
@@ -193,6 +194,8 @@ class MachineInterface:
 
     async def list(self, call: Call) -> AsyncIterator[Result]:
         mode = call["acquireMetadata"] or "no"
+        if mode != "no":  # systemd 262 asks once, for the name asked for ("n/a" for all)
+            await authz.authorize(call.caller, f"{MACHINE1}.inspect-machines", {"name": call["name"] or "n/a"})
         if call["name"] is not None or call["pid"] is not None:
             yield await self._with_metadata(self._machine(call), mode)
             return
@@ -210,13 +213,12 @@ class MachineInterface:
             await authz.authorize(call.caller, _host_or(m, "open-pty"), {"machine": m.name})
             fd, path = await self.machines.open_pty(m)
         elif mode == "login":
-            await authz.authorize(call.caller, _host_or(m, "login"), {"machine": m.name})
+            await authz.authorize(call.caller, _host_or(m, "login"), {"machine": m.name, "verb": "login"})
             fd, path = await self.machines.open_login(m)
         else:
             user, program, args = call["user"] or "", call["path"] or "", call["args"] or []
-            await authz.authorize(call.caller, _host_or(m, "shell"), {"machine": m.name, "user": user or "root",
-                                                                     "program": program,
-                                                                     "command_line": " ".join(args)})
+            await authz.authorize(call.caller, _host_or(m, "shell"),
+                                  {"machine": m.name, "verb": "shell", **ops.shell_polkit_details(user, program, args)})
             fd, path = await self.machines.open_shell(m, user, program, list(args), list(call["environment"] or []))
         return Reply({"ptyFileDescriptor": 0, "ptyPath": path}, [fd])
 
