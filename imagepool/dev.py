@@ -1,12 +1,15 @@
 """A private world for the services: a system-type bus, a pool, the daemons.
 
-This is what ``make run`` runs (``python -m imagepool.dev run``); the tests
-and the benchmarks build their worlds from the same pieces.  Everything
-started here is stopped by PID; everything mounted is unmounted.
+This is what ``make run`` runs (``python -m imagepool.dev run``: Runtime,
+in a mount namespace of its own (Namespace) with the signed demo image of
+imagepool.demo on loopback); the tests and the benchmarks build their worlds
+from the same pieces.  Everything started here is stopped by PID; everything
+mounted is unmounted.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
@@ -16,6 +19,8 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from imagepool import demo
 
 # Where our packages are (a checkout, or site-packages): the services' PYTHONPATH.
 SOURCES = Path(__file__).resolve().parent.parent
@@ -103,10 +108,12 @@ class Service:
         env = dict(self.env)
         sock = None
         if notify:
-            path = f"/run/notify-{os.getpid()}-{time.monotonic_ns()}"
+            # In the abstract namespace ("@..."), as systemd allows: no file
+            # anywhere, nothing to remove.
+            name = f"machined-py/notify/{os.getpid()}/{time.monotonic_ns()}"
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-            sock.bind(path)
-            env["NOTIFY_SOCKET"] = path
+            sock.bind("\0" + name)
+            env["NOTIFY_SOCKET"] = "@" + name
         out = open(self.log, "ab") if self.log else None
         try:
             # A session of its own: whatever it leaves behind (workers of the
@@ -139,7 +146,6 @@ class Service:
         finally:
             if sock:
                 sock.close()
-                os.unlink(env["NOTIFY_SOCKET"])
         return self
 
     def stop(self) -> int | None:
@@ -184,49 +190,250 @@ def service_argv(module: str, pool: Path, prefix: Path) -> list[str]:
     return [sys.executable, "-m", module, "--pool", str(pool), "--image-prefix", str(prefix)]
 
 
-def run(state: Path) -> int:
-    """``make run``: a private bus, a pool under STATE, both services."""
-    pool = state / "pool"
-    state.mkdir(parents=True, exist_ok=True)
-    bus = PrivateBus(state / "bus").start()
-    mounted = False
-    made_system_dir = False
-    services: list[Service] = []
-    try:
+_CLONE_NEWNS = 0x00020000
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def mount_namespace(pid: int | str = "self") -> str:
+    """The mount namespace of PID, as the kernel names it (mnt:[INODE])."""
+    return os.readlink(f"/proc/{pid}/ns/mnt")
+
+
+class AlreadyRunning(RuntimeError):
+    pass
+
+
+class Namespace:
+    """make run's mount namespace: the process that enters it (single-threaded
+    still) leaves the caller's, makes every mount private and puts STATE/run
+    on /run, so that everything the services and the clients write below /run
+    (Varlink sockets, locks and machine state files below /run/systemd,
+    libmount's /run/mount, gpg's /run/user) lands in the run's directory and
+    nothing of the host's /run is written; the pool is mounted in it too.
+
+    STATE/namespace records who is in it, for tools/run-shell (make shell),
+    which enters it with nsenter: PID, NAMESPACE (mnt:[INODE]), the bus
+    address and the directory of the interpreter (BIN, put first in PATH).
+    Leaving ends every process still in the namespace (shells entered with
+    make shell), unmounts /run and goes back to the caller's namespace, so
+    the namespace is gone with the last of them."""
+
+    def __init__(self, state: Path, bus_address: str) -> None:
+        self.state = state
+        self.run = state / "run"  # the namespace's /run
+        self.file = state / "namespace"
+        self.bus_address = bus_address
+        self.id = ""
+        self._outer: int | None = None
+        self._bound = False
+
+    def running(self) -> int | None:
+        """The PID of a live run that recorded itself in STATE, if any."""
         try:
-            mount_btrfs(state / "pool.btrfs", pool, "4G")
-            mounted = True
-            kind = "btrfs on a loop device"
-        except subprocess.CalledProcessError:
-            pool.mkdir(exist_ok=True)
-            kind = "a plain directory"
-        # machinectl refuses to run unless the system looks booted with systemd.
-        if not os.path.isdir("/run/systemd/system"):
-            os.makedirs("/run/systemd/system")
-            made_system_dir = True
-        env = dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=bus.address, PYTHONPATH=str(SOURCES))
-        for module in ("machined", "importd"):
-            services.append(Service(service_argv(module, pool, state / "roots"), env).start())
-        print(f"pool: {pool} ({kind})", flush=True)
-        print(f"images of the other classes: below {state / 'roots'}", flush=True)
-        print(f"export DBUS_SYSTEM_BUS_ADDRESS={bus.address}", flush=True)
-        signal.sigwait({signal.SIGINT, signal.SIGTERM}) if _block_signals() else None
+            fields = dict(line.split("=", 1) for line in self.file.read_text().splitlines() if "=" in line)
+            return int(fields["PID"]) if mount_namespace(fields["PID"]) == fields["NAMESPACE"] else None
+        except (OSError, KeyError, ValueError):
+            return None
+
+    def enter(self) -> Namespace:
+        pid = self.running()
+        if pid is not None:
+            raise AlreadyRunning(f"make run is already running with {self.state} (pid {pid}); "
+                                 "make shell enters it")
+        # Where /etc/resolv.conf points, if into /run (systemd-resolved, resolvconf, NetworkManager):
+        # that directory of the host's (rewritten by renames) is bound read-only into the new /run, for name
+        # resolution; the file itself if it is in /run itself.
+        resolv = Path(os.path.realpath("/etc/resolv.conf"))
+        if resolv.parent != Path("/run"):
+            resolv = resolv.parent
+        resolv_rel = resolv.relative_to("/run") if resolv.is_relative_to("/run") and resolv.exists() else None
+        self._outer = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+        if _libc().unshare(_CLONE_NEWNS) != 0:
+            err = ctypes.get_errno()
+            os.close(self._outer)
+            self._outer = None
+            raise OSError(err, f"unshare(CLONE_NEWNS): {os.strerror(err)}")
+        self.id = mount_namespace()
+        subprocess.run(["mount", "--make-rprivate", "/"], check=True)
+        shutil.rmtree(self.run, ignore_errors=True)  # a previous run's (its namespace, mounts and all, is gone)
+        for sub, mode in (("", 0o755), ("lock", 0o1777), ("user", 0o755), ("systemd", 0o755),
+                          # machinectl refuses to run unless the system looks booted with systemd.
+                          ("systemd/system", 0o755)):
+            (self.run / sub).mkdir(parents=True, exist_ok=True)
+            os.chmod(self.run / sub, mode)
+        (self.run / "shm").symlink_to("/dev/shm")
+        if resolv_rel is not None:
+            if resolv.is_dir():
+                (self.run / resolv_rel).mkdir(parents=True, exist_ok=True)
+            else:
+                (self.run / resolv_rel).touch()
+            subprocess.run(["mount", "--bind", "-o", "ro", str(resolv), str(self.run / resolv_rel)], check=True)
+        subprocess.run(["mount", "--rbind", str(self.run), "/run"], check=True)
+        self._bound = True
+        if resolv_rel is not None:
+            subprocess.run(["umount", str(self.run / resolv_rel)], check=True)  # /run has its copy
+        (self.state / "tmp").mkdir(exist_ok=True)
+        self.file.write_text(f"PID={os.getpid()}\nNAMESPACE={self.id}\nDBUS_SYSTEM_BUS_ADDRESS={self.bus_address}\n"
+                             f"BIN={Path(sys.executable).parent}\n")
+        return self
+
+    def others(self) -> list[int]:
+        """The processes in the namespace other than this one."""
+        found = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                if int(pid) != os.getpid() and mount_namespace(pid) == self.id:
+                    found.append(int(pid))
+            except OSError:
+                pass
+        return found
+
+    def evict(self, timeout: float = 5) -> None:
+        """End every other process in the namespace: SIGHUP and SIGTERM (an
+        interactive shell ignores SIGTERM), SIGKILL for what outlives TIMEOUT."""
+        if not self.id:
+            return
+        for sig in (signal.SIGHUP, signal.SIGTERM):
+            for pid in self.others():
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + timeout
+        while self.others() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for pid in self.others():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        wait_for(lambda: not self.others(), 10, "the processes in the namespace to end")
+
+    def leave(self) -> None:
+        if not self.id:
+            return
+        self.evict()
+        if self._bound:
+            self.file.unlink(missing_ok=True)
+            subprocess.run(["umount", "-R", "/run"], check=True)
+            self._bound = False
+        assert self._outer is not None
+        # Back in the caller's namespace, ours has no process left and goes away
+        # now (setns needs a single thread: else it goes when this process exits).
+        _libc().setns(self._outer, _CLONE_NEWNS)
+        os.close(self._outer)
+        self._outer = None
+        self.id = ""
+
+
+class Runtime:
+    """What ``make run`` runs: in a mount namespace of its own (Namespace:
+    /run is STATE/run there), a private bus, a pool under STATE (btrfs on a
+    loop device when one can be mounted, a plain directory otherwise), both
+    services (the other image classes below STATE/roots, signatures verified
+    with the demo's keyring, temporary files in STATE/tmp) and the signed
+    demo image on loopback (imagepool.demo).  tests/test_run_demo.py runs it
+    as make run does.  start() must be called while the process has one
+    thread (unshare of a mount namespace needs it)."""
+
+    def __init__(self, state: Path, demo_port: int = demo.DEFAULT_PORT) -> None:
+        self.state = state
+        self.pool = state / "pool"
+        self.roots = state / "roots"
+        self.demo = demo.Demo(state / "demo")
+        self.demo_port = demo_port
+        self.bus = PrivateBus(state / "bus")
+        self.namespace = Namespace(state, self.bus.address)
+        self.services: list[Service] = []
+        self.kind = ""
+        self._mounted = False
+
+    def start(self) -> Runtime:
+        self.state.mkdir(parents=True, exist_ok=True)
+        try:
+            self.namespace.enter()
+            self.demo.prepare()
+            self.bus.start()
+            try:
+                mount_btrfs(self.state / "pool.btrfs", self.pool, "4G")
+                self._mounted = True
+                self.kind = "btrfs on a loop device"
+            except subprocess.CalledProcessError:
+                self.pool.mkdir(exist_ok=True)
+                self.kind = "a plain directory"
+            env = dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=self.bus.address, PYTHONPATH=str(SOURCES),
+                       TMPDIR=str(self.state / "tmp"))
+            for module, extra in (("machined", []), ("importd", ["--keyring", str(self.demo.keyring)])):
+                self.services.append(Service([*service_argv(module, self.pool, self.roots), *extra], env).start())
+            self.demo.serve(self.demo_port)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def describe(self) -> str:
+        where = ", mounted in the run's namespace only" if self._mounted else ""
+        return "\n".join([
+            f"pool: {self.pool} ({self.kind}{where})",
+            f"images of the other classes: below {self.roots}",
+            f"demo image: {self.demo.url} (signed; importd's keyring: {self.demo.keyring})",
+            f"bus: {self.bus.address}",
+            f"a mount namespace of its own (pid {os.getpid()}): /run there is {self.namespace.run}, "
+            "the host's /run is not written",
+            "in another shell, to enter it: make shell (or make shell CMD='machinectl list-images'; that is "
+            f"{SOURCES / 'tools/run-shell'} {self.state} [COMMAND...]), then:",
+            f"machined-py pull-tar --verify=signature {self.demo.url} demo",
+        ])
+
+    def stop(self) -> None:
+        # Shells entered with make shell first: one sitting in the pool would keep it busy.
+        self.namespace.evict()
+        self.demo.stop()
+        for svc in reversed(self.services):
+            svc.stop()
+        self.services = []
+        self.bus.stop()
+        if self._mounted:
+            umount(self.pool)
+            (self.state / "pool.btrfs").unlink(missing_ok=True)
+            self._mounted = False
+        self.namespace.leave()
+
+    def __enter__(self) -> Runtime:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def run(state: Path) -> int:
+    """``make run``: the Runtime in the foreground until SIGINT, SIGTERM or
+    SIGHUP (its terminal closed)."""
+    runtime = Runtime(state)
+    try:
+        runtime.start()
+    except AlreadyRunning as e:
+        print(e, file=sys.stderr)
+        return 1
+    try:
+        print(runtime.describe(), flush=True)
+        # Blocked only now: the services must not inherit the mask.
+        _block_signals()
+        signal.sigwait(_STOP_SIGNALS)
         return 0
     finally:
-        for svc in reversed(services):
-            svc.stop()
-        bus.stop()
-        if mounted:
-            umount(pool)
-            (state / "pool.btrfs").unlink(missing_ok=True)
-        if made_system_dir:
-            shutil.rmtree("/run/systemd/system", ignore_errors=True)
+        runtime.stop()
         print("stopped", flush=True)
 
 
-def _block_signals() -> bool:
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    return True
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+
+
+def _block_signals() -> None:
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
 
 
 if __name__ == "__main__":

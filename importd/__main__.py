@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 
 from imagepool import daemon, logcontrol
 from imagepool.classes import Roots
@@ -14,6 +15,7 @@ from importd.http import DEFAULT_STALL_TIMEOUT, MAX_RETRIES, HttpOptions
 from importd.local import DEFAULT_MAX_IMAGE_SIZE
 from importd.manager import ImportManager, Options
 from importd.varlink import serve as serve_varlink
+from importd.verify import DEFAULT_KEYRINGS
 
 log = logging.getLogger("importd")
 
@@ -55,10 +57,14 @@ def main(argv: list[str] | None = None) -> int:
                              "do (default: yes, or $SYSTEMD_IMPORT_SYNC)")
     parser.add_argument("--oci-parallel", type=int, default=oci.DEFAULT_PARALLEL,
                         help="layers a pull-oci downloads at once (default: %(default)s)")
+    parser.add_argument("--keyring", metavar="FILE", type=os.path.abspath,
+                        help="the keyring that verifies the signatures of pulls (default: the first of "
+                             + ", ".join(DEFAULT_KEYRINGS) + " that exists)")
     args = parser.parse_args(argv)
     daemon.setup_logging(args.debug)
     options = Options(max_image_size=args.max_image_size, sync=args.sync, oci_parallel=max(1, args.oci_parallel),
-                      http=HttpOptions(stall_timeout=args.stall_timeout, retries=args.retries))
+                      http=HttpOptions(stall_timeout=args.stall_timeout, retries=args.retries),
+                      keyring=args.keyring)
     roots = daemon.image_roots(args)
     return daemon.run(lambda stop: serve(roots, options, stop))
 

@@ -45,6 +45,7 @@ class Options:
     http: HttpOptions = field(default_factory=HttpOptions)
     sync: bool = True  # images on disk before they get their final name
     oci_parallel: int = oci.DEFAULT_PARALLEL  # layers of a pull-oci downloaded at once
+    keyring: str | None = None  # verifies pulls' signatures; None: the first of verify.DEFAULT_KEYRINGS
 
 
 # --- argument checks --------------------------------------------------------------
@@ -165,7 +166,7 @@ class ImportManager:
         req = pull.PullRequest(
             kind="tar" if type == TransferType.PULL_TAR else "raw", url=url, local=local_name, verify=mode,
             force=force, read_only=read_only, keep_download=keep_download, settings=image_class == "machine",
-            max_size=o.max_image_size, http=o.http, sync=o.sync)
+            max_size=o.max_image_size, http=o.http, sync=o.sync, keyring=o.keyring)
         job = functools.partial(pull.pull, req=req, pool=pool)
         return self._start(type, local_name, job, -1, image_class, remote=url, verify=str(mode))
 

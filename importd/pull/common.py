@@ -45,6 +45,7 @@ class PullRequest:
     max_size: int = DEFAULT_MAX_IMAGE_SIZE
     http: HttpOptions | None = None
     sync: bool = True  # on disk before it is installed, as systemd-pull's --sync=yes
+    keyring: str | None = None  # verifies signatures; None: the first of verify.DEFAULT_KEYRINGS
 
 
 def url_is_valid(url: str) -> bool:

@@ -66,9 +66,9 @@ def _pull(ctx: JobContext, req: PullRequest, pool: Pool, name: str) -> None:
             if req.verify == verify.VerifyMode.SIGNATURE:
                 if per_file:
                     # A per-file list carries its signature inline (cleartext-signed).
-                    sums = verify.verify_cleartext(ctx, sums).encode("utf-8", "surrogateescape")
+                    sums = verify.verify_cleartext(ctx, sums, req.keyring).encode("utf-8", "surrogateescape")
                 else:
-                    verify.verify_signature(ctx, sums, _fetch_signature(http, sums_url))
+                    verify.verify_signature(ctx, sums, _fetch_signature(http, sums_url), req.keyring)
         # No progress before the first bytes of the image (as systemd-pull:
         # a pull that fails to start reports none).
         cache, info = download(ctx, http, req, pool, lambda f: ctx.progress(0.02 + f * (weight - 0.05)))
