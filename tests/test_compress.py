@@ -561,6 +561,31 @@ def test_xz_child_reads_a_clean_file_itself(samples, tmp_path: Path) -> None:
     assert _xz_stdin(junk).startswith("pipe:")
 
 
+def _xz_threads(path: Path) -> tuple[str, bytes]:
+    """The --threads= of the xz child decompressing PATH, and the output is right."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        gen = compress.decompressed_chunks(fd, JobContext())
+        first = next(gen)
+        ((pid, _, _),) = xz_children()
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        data = first + b"".join(gen)
+    finally:
+        os.close(fd)
+    return next(a.decode() for a in argv if a.startswith(b"--threads=")), data
+
+
+def test_xz_threads_by_block_layout(samples) -> None:
+    """xz decodes the blocks of a multi-threaded compressor's file in parallel
+    (-T0); a single-threaded compressor's one block it decodes faster with
+    -T1 (its threaded decoder spends ~15% more on it)."""
+    for key, want in (("xz", "--threads=1"), ("xz-multi-block", "--threads=0"), ("xz-multi-stream", "--threads=1")):
+        path, payload = samples[key]
+        threads, data = _xz_threads(path)
+        assert threads == want, key
+        assert data == payload, key
+
+
 def test_corrupt_gzip_crc(samples, tmp_path: Path) -> None:
     data = bytearray(samples["gzip"][0].read_bytes())
     data[-6] ^= 0xFF  # in the CRC32 of the trailer
