@@ -1,6 +1,7 @@
 """Decompression as the data streams in: in-process decoders for gzip
-(python-isal, about twice as fast as zlib), bzip2, zstd and, without an xz
-binary, xz; ``decompressed_chunks`` picks one by the input's magic number.
+(python-isal, about twice as fast as zlib), bzip2, zstd and xz of one
+block (without an xz binary, every xz: see ``xz.parallel``);
+``decompressed_chunks`` picks one by the input's magic number.
 
 Each member decoder turns one gzip member, bzip2 stream or xz stream into
 output chunks of at most ``limit`` bytes, whatever the compression ratio (a
@@ -31,9 +32,21 @@ from importd.compress.formats import MAGIC, MAGIC_MAX, Compression, detect, trai
 from importd.compress.source import READ_SIZE, Source
 from importd.context import JobContext, TransferError
 
+# liblzma's errors as the lzma module words them, and as xz(1) does: the same
+# message whether a file was decoded in-process or by the xz child.
+_XZ_WORDS = {
+    "Corrupt input data": "Compressed data is corrupt",
+    "Input format not supported by decoder": "File format not recognized",
+    "Invalid or unsupported options": "Unsupported options",
+    "Memory usage limit exceeded": "Memory usage limit reached",
+}
+
 
 def _decode_error(kind: Compression, e: BaseException) -> TransferError:
-    return TransferError(f"Failed to decompress {kind} data: {e}")
+    text = str(e)
+    if kind == Compression.XZ:
+        text = _XZ_WORDS.get(text, text)
+    return TransferError(f"Failed to decompress {kind} data: {text}")
 
 
 class _Member:
@@ -318,7 +331,7 @@ def decompressed_chunks(
     kind = detect(head) if len(head) >= MAGIC_MAX else Compression.NONE
 
     inner: Generator[bytes, None, None]
-    if kind == Compression.XZ and (binary := xz.binary()) is not None:
+    if kind == Compression.XZ and (binary := xz.binary()) is not None and xz.parallel(src.head(14)):
         inner = xz.decompress(src, binary, ctx, chunk_size)
     elif kind == Compression.XZ:
         inner = _members(src, _xz_member, kind, MAGIC[Compression.XZ], chunk_size)
