@@ -6,8 +6,8 @@ asks them), answered as systemd 262's bus-polkit.c answers it.
 - Anybody else: polkitd is asked (CheckAuthorization, imagepool.polkit), with interactive
   authorization when the caller allowed it (the D-Bus message flag, or
   Varlink's ``allowInteractiveAuthentication``).
-- authorized: go on; challenge: InteractiveAuthorizationRequired
-  ("Interactive authentication required."); not authorized, polkit's
+- authorized: go on; challenge: InteractiveAuthorizationRequired (262's
+  words, imagepool.errors); not authorized, polkit's
   Failed/Cancelled/NotAuthorized errors, or no polkit on the bus:
   PermissionDenied (EACCES: D-Bus AccessDenied "Permission denied", Varlink
   org.varlink.service.PermissionDenied); any other error of polkit's (or no

@@ -9,7 +9,6 @@ mounted is unmounted.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import shutil
 import signal
@@ -20,7 +19,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from imagepool import demo
+from imagepool import demo, syscalls
 
 # Where our packages are (a checkout, or site-packages): the services' PYTHONPATH.
 SOURCES = Path(__file__).resolve().parent.parent
@@ -193,10 +192,6 @@ def service_argv(module: str, pool: Path, prefix: Path) -> list[str]:
 _CLONE_NEWNS = 0x00020000
 
 
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)
-
-
 def mount_namespace(pid: int | str = "self") -> str:
     """The mount namespace of PID, as the kernel names it (mnt:[INODE])."""
     return os.readlink(f"/proc/{pid}/ns/mnt")
@@ -251,11 +246,12 @@ class Namespace:
             resolv = resolv.parent
         resolv_rel = resolv.relative_to("/run") if resolv.is_relative_to("/run") and resolv.exists() else None
         self._outer = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
-        if _libc().unshare(_CLONE_NEWNS) != 0:
-            err = ctypes.get_errno()
+        try:
+            syscalls.check(syscalls.libc.unshare(_CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+        except OSError:
             os.close(self._outer)
             self._outer = None
-            raise OSError(err, f"unshare(CLONE_NEWNS): {os.strerror(err)}")
+            raise
         self.id = mount_namespace()
         subprocess.run(["mount", "--make-rprivate", "/"], check=True)
         shutil.rmtree(self.run, ignore_errors=True)  # a previous run's (its namespace, mounts and all, is gone)
@@ -323,7 +319,7 @@ class Namespace:
         assert self._outer is not None
         # Back in the caller's namespace, ours has no process left and goes away
         # now (setns needs a single thread: else it goes when this process exits).
-        _libc().setns(self._outer, _CLONE_NEWNS)
+        syscalls.libc.setns(self._outer, _CLONE_NEWNS)
         os.close(self._outer)
         self._outer = None
         self.id = ""

@@ -3,10 +3,10 @@
 services' system bus, with sd-bus's default method call timeout.
 
 Subjects: a D-Bus caller is its unique bus name ("system-bus-name"); a
-Varlink caller is its process, by the pidfd of the connection's peer
-(SO_PEERPIDFD) and its UID ("unix-process"), or where the kernel has no
-SO_PEERPIDFD (Linux < 6.5, Debian 12's kernel) by PID, start time and UID,
-polkit's older form (systemd 262 refuses such callers instead).
+Varlink caller is its process ("unix-process") by PID, start time and UID,
+which every polkit takes, and by the pidfd of the connection's peer too
+(SO_PEERPIDFD) where the kernel has one (Linux >= 6.5); systemd 262 sends
+the pidfd only, which polkitd 122 refuses.
 
 Nothing is cached: every call asks polkitd (systemd keeps an answer only for
 the method call being handled).
