@@ -43,6 +43,7 @@ from common import (
     run,
 )
 from daemons import OURS, Daemons, SidRoot
+from profiling import Profiler
 
 sys.path.insert(0, str(REPO))
 from tests.ocienv import CA, Layout, Registry, missing_tools, push, sid_importctl  # noqa: E402
@@ -82,8 +83,10 @@ def build(workdir: Path, total: int) -> Layout:
 
 class Bench:
     def __init__(self, s: Session, workdir: Path, logdir: Path, env: dict[str, str], sid: SidRoot,
-                 registry: Registry, ca: CA) -> None:
+                 registry: Registry, ca: CA, profiler: Profiler) -> None:
         self.s, self.workdir, self.env, self.sid, self.registry = s, workdir, env, sid, registry
+        self.profiler = profiler
+        self.profiled = 0
         self.daemons = Daemons("importd", env, logdir, s.problems, sid)
         self.ca = ca
         self.bundle_bound = False
@@ -92,10 +95,15 @@ class Bench:
         return f"{self.registry.host}/bench/img:{tag}"
 
     def ours(self, tag: str, name: str) -> float:
-        self.daemons.ensure(OURS)
+        pid = self.daemons.ensure(OURS)
+        self.profiled += 1
+        self.profiler.start(pid, f"ours-{tag}-{self.profiled}")
         t0 = time.perf_counter()
-        r = sid_importctl("pull-oci", "-m", self.ref(tag), name, timeout=1800)
-        dt = time.perf_counter() - t0
+        try:
+            r = sid_importctl("pull-oci", "-m", self.ref(tag), name, timeout=1800)
+            dt = time.perf_counter() - t0
+        finally:
+            self.profiler.stop()
         if r.returncode != 0:
             raise RuntimeError(f"our pull failed: {r.stderr[-2000:]}")
         return dt
@@ -140,7 +148,9 @@ def main() -> int:
     add_common_args(ap, "a 30 MB image, 1 round")
     ap.add_argument("--size-mb", type=int, help="image size in MB (default 300, --quick 30)")
     ap.add_argument("--rounds", type=int, help="rounds (default 3, --quick 1)")
+    ap.add_argument("--profile", metavar="DIR", help="py-spy our importd during its pulls (perturbs its times)")
     args = ap.parse_args()
+    profiler = Profiler(Path(args.profile) if args.profile else None)  # may pip install py-spy: before unshare
     s = Session(args)
     results: dict[str, dict[str, list[float]]] = {w: {"first": [], "second": []} for w in WHO}
     size = (args.size_mb or (30 if args.quick else 300)) * 1_000_000
@@ -160,7 +170,8 @@ def main() -> int:
         for tag in ("first", "second"):
             push(layout.path, tag, registry.host, f"bench/img:{tag}")
         who = ["ours"] + ([] if "262" not in s.refs() or sid.missing("importd") else ["262"]) + ["skopeo"]
-        b = Bench(s, workdir, logdir, env, sid, registry, ca)
+        b = Bench(s, workdir, logdir, env, sid, registry, ca, profiler)
+        s.cleanups.push("stop py-spy", profiler.stop)
         s.start_measuring()
         for i in range(rounds):
             for w in who if i % 2 == 0 else who[::-1]:
@@ -182,6 +193,10 @@ def main() -> int:
                           fmt(ratio(m, median(results["262"][tag])), ".2f", "x"),
                           fmt(ratio(m, median(results["skopeo"][tag])), ".2f", "x")))
     print_table(("who", "pull", "median", "rate", "vs 262", "vs skopeo"), lines)
+    for label in profiler.written:
+        print(f"\nprofile {label}:")
+        for line in profiler.top(label):
+            print("  " + line)
     s.print_notes()
     return s.report({"size_bytes": size, "rounds": rounds, "results": results})
 

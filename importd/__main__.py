@@ -7,7 +7,7 @@ import asyncio
 import logging
 import os
 
-from imagepool import daemon, logcontrol
+from imagepool import daemon, logcontrol, syscalls
 from imagepool.classes import Roots
 from importd import local, oci
 from importd.dbus.manager import PATH, ImportManagerObject
@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
                              + ", ".join(DEFAULT_KEYRINGS) + " that exists)")
     args = parser.parse_args(argv)
     daemon.setup_logging(args.debug)
+    syscalls.keep_buffers_mapped()
     options = Options(max_image_size=args.max_image_size, sync=args.sync, oci_parallel=max(1, args.oci_parallel),
                       http=HttpOptions(stall_timeout=args.stall_timeout, retries=args.retries),
                       keyring=args.keyring)
