@@ -133,8 +133,8 @@ def test_unpack_argv_and_confinement(tmp_path: Path):
     with TarUnpacker(str(tmp_path), log.ctx) as u:
         argv = u.argv
         tar_at = next(i for i, a in enumerate(argv) if a.endswith("/tar"))
-        assert argv[tar_at + 1:] == ["--ignore-zeros", "--numeric-owner", "-C", str(tmp_path), "-pxf", "-",
-                                     "--xattrs", "--xattrs-include=*", "--no-selinux"]
+        assert argv[tar_at + 1:] == ["--ignore-zeros", "--numeric-owner", "-b", "256", "-B", "-C", str(tmp_path),
+                                     "-pxf", "-", "--xattrs", "--xattrs-include=*", "--no-selinux"]
         assert not {"-P", "--absolute-names"} & set(argv)
         # unshare first: it needs CAP_SYS_ADMIN, which setpriv takes away.
         assert argv[0].endswith("/unshare") and argv[1:3] == ["--net", "--"]
