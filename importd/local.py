@@ -9,6 +9,7 @@ only once it is complete; on any failure or cancel it removes what it wrote.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import stat
 
@@ -17,6 +18,7 @@ from imagepool.image import Image, ImageType, Pool
 from imagepool.locks import image_name_lock
 from importd import compress, ostree, qcow2, sparse, tar
 from importd.context import Canceled, JobContext, TransferError, exiting_on_failure
+from importd.handoff import Handoff
 from importd.progress import ProgressLogger, format_bytes
 
 # Cap on what one import may write, on top of the pool's free space.
@@ -167,17 +169,22 @@ def write_raw(ctx: JobContext, fd: int, out: int, limit: int, writeback: bool = 
             sparse.copy_sparse(fd, out, ctx.derive(progress), size)
             return size
     writer = sparse.SparseWriter(out, writeback=writeback)
-    first = True
     is_qcow = False
     sub = ctx.derive(progress)
-    for chunk in compress.decompressed_chunks(fd, sub, size=size, max_output=limit):
-        if first:
-            is_qcow = qcow2.is_qcow2(bytes(chunk[:QCOW2_HEAD]))
-            first = False
-        if is_qcow:
-            _write_all(out, chunk)
-        else:
-            writer.write(chunk)
+    chunks = compress.decompressed_chunks(fd, sub, size=size, max_output=limit)
+    try:
+        first = next(chunks, None)
+        if first is None:
+            return writer.finish()
+        is_qcow = qcow2.is_qcow2(bytes(first[:QCOW2_HEAD]))
+        # The writes in a thread of their own (importd.handoff): they overlap the decoding.
+        with Handoff(functools.partial(_write_all, out) if is_qcow else writer.write, ctx, "raw-writer") as handoff:
+            handoff.put(first)
+            for chunk in chunks:
+                handoff.put(chunk)
+            handoff.close()
+    finally:
+        chunks.close()
     if is_qcow:
         return None
     return writer.finish()

@@ -1,0 +1,116 @@
+"""importd.piped (the download's pipe, gathering) and importd.handoff (writes
+in a thread of their own): order, errors, cancellation, nothing left running."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+
+from importd.context import Canceled, JobContext
+from importd.handoff import Handoff
+from importd.piped import GATHER, Piped
+
+
+def test_handoff_writes_everything_in_order_in_another_thread() -> None:
+    got: list[bytes] = []
+    threads: set[str] = set()
+
+    def write(chunk: bytes) -> None:
+        threads.add(threading.current_thread().name)
+        got.append(chunk)
+
+    chunks = [os.urandom(n) for n in (1, 4096, 1 << 20, 7, 65536)] * 3
+    with Handoff(write, JobContext(), "test-writer", depth=2) as h:
+        for c in chunks:
+            h.put(c)
+        h.close()
+    assert got == chunks
+    assert threads == {"test-writer"}
+
+
+def test_handoff_raises_the_writers_error_and_stops() -> None:
+    calls = []
+
+    def write(chunk: bytes) -> None:
+        calls.append(chunk)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        with Handoff(write, JobContext(), "test-writer", depth=1) as h:
+            for i in range(100):
+                h.put(b"x%d" % i)
+            h.close()
+    assert len(calls) == 2  # nothing written after the failure
+    assert not any(t.name == "test-writer" for t in threading.enumerate())
+
+
+def test_handoff_put_waiting_for_a_stuck_writer_sees_the_cancel() -> None:
+    release = threading.Event()
+    ctx = JobContext()
+
+    def write(chunk: bytes) -> None:
+        release.wait(10)
+
+    threading.Timer(0.3, ctx.request_cancel).start()
+    t0 = time.monotonic()
+    with pytest.raises(Canceled):
+        with Handoff(write, ctx, "test-writer", depth=1) as h:
+            try:
+                for _ in range(10):
+                    h.put(b"x")
+            finally:
+                release.set()
+    assert time.monotonic() - t0 < 5
+    assert not any(t.name == "test-writer" for t in threading.enumerate())
+
+
+def test_handoff_leaving_on_an_error_drops_what_waits() -> None:
+    written = []
+    with pytest.raises(RuntimeError):
+        with Handoff(written.append, JobContext(), "test-writer", depth=8) as h:
+            h.put(b"a")
+            raise RuntimeError("the decoder failed")
+    assert written in ([], [b"a"])
+    assert not any(t.name == "test-writer" for t in threading.enumerate())
+
+
+def _read_all(fd: int) -> tuple[bytes, list[int]]:
+    data, sizes = bytearray(), []
+    while chunk := os.read(fd, 4 << 20):
+        data += chunk
+        sizes.append(len(chunk))
+    return bytes(data), sizes
+
+
+def test_piped_gathers_small_pieces_and_flushes_the_rest_at_the_end() -> None:
+    pieces = [os.urandom(16384) for _ in range(100)] + [b"tail"]
+
+    def produce() -> str:
+        for p in pieces:
+            piped.write(p)
+            time.sleep(0.001)  # a slow download: the reader would see each piece
+        return "done"
+
+    piped = Piped("test-download", produce, lambda: None)
+    with piped:
+        data, sizes = _read_all(piped.read_fd)
+        assert piped.result() == "done"
+    assert data == b"".join(pieces)
+    assert len(sizes) <= len(data) // GATHER + 2  # gathered, not piece by piece
+
+
+def test_piped_download_error_is_raised_and_nothing_gathered_is_written() -> None:
+    def produce() -> None:
+        piped.write(b"partial")
+        raise OSError(104, "Connection reset by peer")
+
+    piped = Piped("test-download", produce, lambda: None)
+    with piped:
+        data, _ = _read_all(piped.read_fd)
+        with pytest.raises(OSError, match="reset"):
+            piped.result()
+    assert data == b""  # the failed download's gathered bytes never reach the reader
