@@ -23,7 +23,7 @@ from typing import Any
 
 from importd.context import JobContext
 
-DEPTH = 4
+DEPTH = 2
 _POLL = 0.25  # seconds between looks at the job's cancellation while waiting
 _END = object()
 

@@ -88,8 +88,23 @@ def parallel(head: bytes) -> bool:
     return bool(head[13] & 0xC0)
 
 
+# The decoding child's threads and memory: one thread per CPU, at most
+# MAX_THREADS (a download or a disk feeds it; 4 threads decode ~1 GB/s of
+# xz -6 output, more than either gives), and xz's soft limit for threaded
+# decoding, which makes it use fewer threads for files whose blocks are huge
+# (xz -9: 192 MiB each) rather than holding several of them.  xz -6's blocks
+# (24 MiB) need ~75 MB a thread: 2 CPUs 155 MB, at most ~300 MB.
+MAX_THREADS = 4
+MEMLIMIT_MT = "320MiB"
+
+
+def decompress_argv(xz: str) -> list[str]:
+    threads = max(1, min(os.cpu_count() or 1, MAX_THREADS))
+    return [xz, "--decompress", "--stdout", f"--threads={threads}", f"--memlimit-mt-decompress={MEMLIMIT_MT}"]
+
+
 def decompress(src: Source, xz: str, ctx: JobContext, limit: int) -> Generator[bytes, None, None]:
-    """Run ``xz -dc -T0`` and read its output.
+    """Run ``xz -dc -TN`` (decompress_argv) and read its output.
 
     A regular file that ends as a .xz file should is the child's stdin
     itself (the shared file offset tells our progress).  Anything else -- a
@@ -114,7 +129,7 @@ def decompress(src: Source, xz: str, ctx: JobContext, limit: int) -> Generator[b
             os.set_blocking(in_w, False)
             child_stdin = in_r
         try:
-            child = spawn.Child([xz, "--decompress", "--stdout", "--threads=0"], stdin=child_stdin, stdout=out_w,
+            child = spawn.Child(decompress_argv(xz), stdin=child_stdin, stdout=out_w,
                                 env=_xz_env(), name="xz")
         except OSError as e:
             raise TransferError(f"Failed to start xz: {e.strerror}") from None
