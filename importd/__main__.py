@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="have an image on disk before it is installed, as systemd-import and systemd-pull "
                              "do (default: yes, or $SYSTEMD_IMPORT_SYNC)")
     parser.add_argument("--oci-parallel", type=int, default=oci.DEFAULT_PARALLEL,
-                        help="layers a pull-oci downloads at once (default: %(default)s)")
+                        help="layers a pull-oci downloads at once (default: one per CPU, 2 to 4: %(default)s)")
     parser.add_argument("--keyring", metavar="FILE", type=os.path.abspath,
                         help="the keyring that verifies the signatures of pulls (default: the first of "
                              + ", ".join(DEFAULT_KEYRINGS) + " that exists)")

@@ -43,7 +43,11 @@ from importd.oci.registry import RegistrySource
 from importd.oci.store import LayerLock, LayerStore
 from importd.progress import format_bytes
 
-DEFAULT_PARALLEL = 4
+# Layers at once: one per CPU, between 2 and 4.  Each layer keeps a download,
+# a decoding thread and a tar busy; more of them than CPUs only contend
+# (pull-oci of 286 MB in 5 layers on 2 CPUs: 4 at once 1.6-1.9 s of CPU,
+# 2 at once 1.3-1.4 s, and no slower).
+DEFAULT_PARALLEL = max(2, min(4, os.cpu_count() or 1))
 
 
 @dataclass
