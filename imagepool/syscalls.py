@@ -1,5 +1,6 @@
 """The raw system calls that Python's os module lacks, in one place: the libc
-handle, openat2(RESOLVE_IN_ROOT), renameat2(NOREPLACE/EXCHANGE).
+handle, openat2(RESOLVE_IN_ROOT), renameat2(NOREPLACE/EXCHANGE), and
+glibc's mallopt() for importd's buffers.
 
 Failures raise OSError with the errno, as os functions do."""
 

@@ -169,7 +169,6 @@ def write_raw(ctx: JobContext, fd: int, out: int, limit: int, writeback: bool = 
             sparse.copy_sparse(fd, out, ctx.derive(progress), size)
             return size
     writer = sparse.SparseWriter(out, writeback=writeback)
-    is_qcow = False
     sub = ctx.derive(progress)
     chunks = compress.decompressed_chunks(fd, sub, size=size, max_output=limit)
     try:

@@ -52,9 +52,9 @@ class Piped(Generic[T]):
             return
         self._gathered += chunk
         if len(self._gathered) >= GATHER:
-            self.flush()
+            self._flush()
 
-    def flush(self) -> None:
+    def _flush(self) -> None:
         if self._gathered:
             self._write(self._gathered)
             self._gathered.clear()
@@ -69,7 +69,7 @@ class Piped(Generic[T]):
         gathered is written first."""
         if self._write_fd >= 0:
             try:
-                self.flush()
+                self._flush()
             finally:
                 os.close(self._write_fd)
                 self._write_fd = -1

@@ -1,9 +1,10 @@
 """Tarballs in and out of image trees, through a confined GNU tar child.
 
 Unpacking never uses Python's tarfile: a GNU tar child process does it, with
-the argument list systemd 252's importd uses (``import_fork_tar_x()``)::
+the argument list systemd 252's importd uses (``import_fork_tar_x()``), with
+larger reads of the pipe (``-b 256 -B``, see unpack_argv)::
 
-    tar --ignore-zeros --numeric-owner -C DIR -pxf - --xattrs --xattrs-include=* --no-selinux
+    tar --ignore-zeros --numeric-owner -b 256 -B -C DIR -pxf - --xattrs --xattrs-include=* --no-selinux
 
 (``--selinux`` instead when SELinux is enabled; never ``-P``/``--absolute-names``).
 GNU tar protects the target directory by itself: it strips leading ``/`` from

@@ -99,7 +99,7 @@ MEMLIMIT_MT = "320MiB"
 
 
 def decompress_argv(xz: str) -> list[str]:
-    threads = max(1, min(os.cpu_count() or 1, MAX_THREADS))
+    threads = min(os.cpu_count() or 1, MAX_THREADS)
     return [xz, "--decompress", "--stdout", f"--threads={threads}", f"--memlimit-mt-decompress={MEMLIMIT_MT}"]
 
 
