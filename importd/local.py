@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import os
 import stat
 
@@ -176,17 +177,30 @@ def write_raw(ctx: JobContext, fd: int, out: int, limit: int, writeback: bool = 
         if first is None:
             return writer.finish()
         is_qcow = qcow2.is_qcow2(bytes(first[:QCOW2_HEAD]))
-        # The writes in a thread of their own (importd.handoff): they overlap the decoding.
-        with Handoff(functools.partial(_write_all, out) if is_qcow else writer.write, ctx, "raw-writer") as handoff:
-            handoff.put(first)
-            for chunk in chunks:
-                handoff.put(chunk)
+        # The writes in a thread of their own (importd.handoff): they overlap
+        # the decoding.  A chunk of zeros goes over as its length, holding no
+        # room: the decoder runs on through the holes.
+        with Handoff(functools.partial(_write_all, out) if is_qcow else functools.partial(_write_sparse, writer),
+                     ctx, "raw-writer") as handoff:
+            for chunk in itertools.chain((first,), chunks):
+                zeros = None if is_qcow else sparse.zero_run(chunk)
+                if zeros is None:
+                    handoff.put(chunk)
+                else:
+                    handoff.put(zeros, cost=0)
             handoff.close()
     finally:
         chunks.close()
     if is_qcow:
         return None
     return writer.finish()
+
+
+def _write_sparse(writer: sparse.SparseWriter, item: bytes | int) -> None:
+    if isinstance(item, int):
+        writer.skip(item)
+    else:
+        writer.write(item)
 
 
 def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:

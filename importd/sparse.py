@@ -132,6 +132,18 @@ def _nonzero_runs(data: Any, start: int, end: int, block_size: int) -> list[tupl
     return runs
 
 
+_ZERO_CHUNK = bytes(1 << 20)
+
+
+def zero_run(data: Any) -> int | None:
+    """len(DATA) if DATA (bytes, at most 1 MiB) is all zeros, else None: one
+    memcmp() for such a chunk, a byte or so for most others."""
+    n = len(data)
+    if n and n <= len(_ZERO_CHUNK) and not data[0] and not data[-1] and _ZERO_CHUNK.startswith(data):
+        return n
+    return None
+
+
 class SparseWriter:
     """Appends data to FD from its current offset on; block_size-aligned
     blocks (counted from that offset) that are all zeros are not written and
@@ -195,6 +207,20 @@ class SparseWriter:
             with contextlib.suppress(OSError):
                 fsutil.start_writeback(self.fd, self._written_back, self.offset - self._written_back)
             self._written_back = self.offset
+
+    def skip(self, n: int) -> None:
+        """N bytes of zeros, as write() of them would take them: holes, but
+        for the end of a block begun with data (or a short last block)."""
+        if self._partial:
+            k = min(self.block_size - len(self._partial), n)
+            self.write(bytes(k))
+            n -= k
+            if self._partial or not n:
+                return
+        whole = n // self.block_size * self.block_size
+        self.offset += whole
+        if whole < n:
+            self._partial += bytes(n - whole)
 
     def finish(self) -> int:
         """Write what is left, set the file size (trailing holes included)

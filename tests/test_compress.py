@@ -942,26 +942,34 @@ def sparse_payload() -> bytes:
     return b"".join(parts)
 
 
-@pytest.mark.parametrize("pieces", ["aligned", "odd", "tiny", "memoryview"])
+@pytest.mark.parametrize("pieces", ["aligned", "odd", "tiny", "memoryview", "zeros-skipped"])
 def test_sparse_writer(pieces: str, tmp_path: Path) -> None:
+    """The same file whatever the pieces; with zeros-skipped, pieces of
+    nothing but zeros go to skip() instead (importd.local does that, the
+    writer in another thread), also where they begin or end mid-block."""
     data = sparse_payload()
     path = tmp_path / "sparse"
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         w = sparse.SparseWriter(fd)
         rng = random.Random(7)
-        i = 0
+        i = skipped = 0
         while i < len(data):
             n = {"aligned": MiB, "odd": rng.randrange(1, 300_000), "tiny": rng.randrange(1, 9000),
-                 "memoryview": 123_457}[pieces]
+                 "memoryview": 123_457, "zeros-skipped": rng.randrange(1, 40_000)}[pieces]
             piece = data[i : i + n]
-            w.write(memoryview(piece) if pieces == "memoryview" else piece)
+            if pieces == "zeros-skipped" and (zeros := sparse.zero_run(piece)) is not None:
+                w.skip(zeros)
+                skipped += 1
+            else:
+                w.write(memoryview(piece) if pieces == "memoryview" else piece)
             i += n
         assert w.finish() == len(data)
     finally:
         os.close(fd)
     assert path.read_bytes() == data
     assert os.path.getsize(path) == len(data)
+    assert skipped > 50 or pieces != "zeros-skipped"
     # 32 of 160 blocks are random, 32 partly: about 4 MiB of 10 are data
     assert allocated(path) <= 4.5 * MiB, allocated(path)
 
@@ -1027,6 +1035,37 @@ def test_sparse_writer_syscalls(tmp_path: Path) -> None:
     writes = [line for line in trace.splitlines() if line.startswith(("pwrite", "[pid"))]
     assert len(writes) == 2, trace  # 64 KiB block + rest of the 4 MiB (pwritev), then 1 MiB
     assert os.path.getsize(tmp_path / "f") == 6 * MiB
+
+
+def test_zero_run() -> None:
+    assert sparse.zero_run(bytes(1 << 20)) == 1 << 20
+    assert sparse.zero_run(bytes(17)) == 17
+    assert sparse.zero_run(b"") is None
+    assert sparse.zero_run(bytes(1 << 20) + b"\0") is None  # longer than one chunk: written, not skipped
+    for at in (0, 1, 4095, 500_000, (1 << 20) - 1):
+        data = bytearray(1 << 20)
+        data[at] = 1
+        assert sparse.zero_run(bytes(data)) is None, at
+
+
+def test_sparse_writer_skip_completes_a_block_begun_with_data(tmp_path: Path) -> None:
+    """skip() in the middle of a block: the block is written (with its zeros),
+    the whole blocks after it are holes, a short last block is kept."""
+    path = tmp_path / "f"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        w = sparse.SparseWriter(fd, block_size=4096)
+        w.write(b"a" * 100)
+        w.skip(100)
+        w.skip(5 * 4096)
+        w.write(b"b")
+        w.skip(10)
+        assert w.finish() == 100 + 100 + 5 * 4096 + 1 + 10
+    finally:
+        os.close(fd)
+    expected = b"a" * 100 + bytes(100 + 5 * 4096) + b"b" + bytes(10)
+    assert path.read_bytes() == expected
+    assert allocated(path) <= 3 * 4096  # the first block and the last: the rest a hole
 
 
 def test_sparse_writer_from_offset(tmp_path: Path) -> None:

@@ -1,5 +1,6 @@
 """importd.piped (the download's pipe, gathering) and importd.handoff (writes
-in a thread of their own): order, errors, cancellation, nothing left running."""
+in a thread of their own): order, errors, cancellation, the byte budget
+shared by all writers, nothing left running."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import time
 import pytest
 
 from importd.context import Canceled, JobContext
-from importd.handoff import Handoff
+from importd.handoff import Budget, Handoff
 from importd.piped import GATHER, Piped
 
 
@@ -23,7 +24,7 @@ def test_handoff_writes_everything_in_order_in_another_thread() -> None:
         got.append(chunk)
 
     chunks = [os.urandom(n) for n in (1, 4096, 1 << 20, 7, 65536)] * 3
-    with Handoff(write, JobContext(), "test-writer", depth=2) as h:
+    with Handoff(write, JobContext(), "test-writer", budget=Budget(2)) as h:
         for c in chunks:
             h.put(c)
         h.close()
@@ -40,7 +41,7 @@ def test_handoff_raises_the_writers_error_and_stops() -> None:
             raise OSError(28, "No space left on device")
 
     with pytest.raises(OSError, match="No space left"):
-        with Handoff(write, JobContext(), "test-writer", depth=1) as h:
+        with Handoff(write, JobContext(), "test-writer", budget=Budget(2)) as h:
             for i in range(100):
                 h.put(b"x%d" % i)
             h.close()
@@ -58,7 +59,7 @@ def test_handoff_put_waiting_for_a_stuck_writer_sees_the_cancel() -> None:
     threading.Timer(0.3, ctx.request_cancel).start()
     t0 = time.monotonic()
     with pytest.raises(Canceled):
-        with Handoff(write, ctx, "test-writer", depth=1) as h:
+        with Handoff(write, ctx, "test-writer", budget=Budget(2)) as h:
             try:
                 for _ in range(10):
                     h.put(b"x")
@@ -71,10 +72,96 @@ def test_handoff_put_waiting_for_a_stuck_writer_sees_the_cancel() -> None:
 def test_handoff_leaving_on_an_error_drops_what_waits() -> None:
     written = []
     with pytest.raises(RuntimeError):
-        with Handoff(written.append, JobContext(), "test-writer", depth=8) as h:
+        with Handoff(written.append, JobContext(), "test-writer", budget=Budget(2)) as h:
             h.put(b"a")
             raise RuntimeError("the decoder failed")
     assert written in ([], [b"a"])
+    assert not any(t.name == "test-writer" for t in threading.enumerate())
+
+
+def _stuck_writer() -> tuple[threading.Event, list[object], object]:
+    release = threading.Event()
+    written: list[object] = []
+
+    def write(chunk: object) -> None:
+        release.wait(10)
+        written.append(chunk)
+
+    return release, written, write
+
+
+_putters: list[threading.Thread] = []
+
+
+def _puts_until_blocked(h: Handoff, items: list[tuple[object, int | None]]) -> int:
+    """How many of ITEMS put() takes before it waits (a thread tries them;
+    _finish_puts() waits for the rest)."""
+    done: list[int] = []
+
+    def put_all() -> None:
+        for item, cost in items:
+            h.put(item, cost)
+            done.append(1)
+
+    t = threading.Thread(target=put_all, daemon=True)
+    t.start()
+    t.join(0.5)
+    _putters.append(t)
+    return len(done)
+
+
+def _finish_puts() -> None:
+    while _putters:
+        t = _putters.pop()
+        t.join(10)
+        assert not t.is_alive()
+
+
+def test_handoff_waits_when_the_budget_is_held_not_after_a_count() -> None:
+    """Chunks wait until their bytes would exceed the budget (the one being
+    written counts); items of cost 0 (runs of zeros) always get through."""
+    release, written, write = _stuck_writer()
+    with Handoff(write, JobContext(), "test-writer", budget=Budget(2500)) as h:
+        try:
+            assert _puts_until_blocked(h, [(b"a" * 1000, None)] * 5) == 2  # 2000 held, 3000 would exceed
+            assert _puts_until_blocked(h, [(4096, 0)] * 10) == 10
+        finally:
+            release.set()
+            _finish_puts()
+        h.close()
+    assert written[:2] == [b"a" * 1000] * 2
+    assert written.count(b"a" * 1000) == 5 and written.count(4096) == 10
+
+
+def test_handoff_budget_is_shared_but_every_writer_gets_one_chunk() -> None:
+    """Two writers on one budget: what one holds, the other cannot take; but
+    a writer holding nothing may always have one chunk, however large."""
+    budget = Budget(3000)
+    release, _, write = _stuck_writer()
+    with Handoff(write, JobContext(), "test-writer", budget=budget) as first, \
+            Handoff(write, JobContext(), "test-writer-2", budget=budget) as second:
+        try:
+            assert _puts_until_blocked(first, [(b"x" * 1000, None)] * 4) == 3
+            assert budget.held == 3000
+            assert _puts_until_blocked(second, [(b"y" * 10_000, None)] * 2) == 1  # one, over the budget
+        finally:
+            release.set()
+            _finish_puts()
+        first.close()
+        second.close()
+    assert budget.held == 0
+
+
+def test_handoff_leaving_early_gives_the_budget_back() -> None:
+    budget = Budget(1 << 20)
+    release, _, write = _stuck_writer()
+    with pytest.raises(RuntimeError):
+        with Handoff(write, JobContext(), "test-writer", budget=budget) as h:
+            for _ in range(5):
+                h.put(b"z" * 1000)
+            release.set()
+            raise RuntimeError("the decoder failed")
+    assert budget.held == 0
     assert not any(t.name == "test-writer" for t in threading.enumerate())
 
 
