@@ -46,13 +46,13 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from imagepool import dev as world  # noqa: E402
+from imagepool import syscalls  # noqa: E402
 
 POOL = Path("/var/lib/machines")
 IMAGE_PREFIX = Path("/run/systemd/bench-images")  # our services' other image classes (in the private /run/systemd)
 MB = 1_000_000
 MiB = 1 << 20
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-_CLONE_NEWNS = 0x00020000
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -79,10 +79,7 @@ def enter_private_mount_namespace() -> None:
         raise SystemExit(f"{_script()} must run as root (it mounts file systems)")
     if threading.active_count() != 1:
         raise SystemExit(f"{_script()}: not single-threaded, cannot unshare the mount namespace")
-    if _libc.unshare(_CLONE_NEWNS) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"unshare(CLONE_NEWNS): {os.strerror(err)}")
-    run(["mount", "--make-rprivate", "/"])
+    syscalls.private_mount_namespace()
 
 
 class Cleanups:

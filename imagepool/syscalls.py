@@ -1,6 +1,6 @@
 """The raw system calls that Python's os module lacks, in one place: the libc
-handle, openat2(RESOLVE_IN_ROOT), renameat2(NOREPLACE/EXCHANGE), and
-glibc's mallopt() for importd's buffers.
+handle, openat2(RESOLVE_IN_ROOT), renameat2(NOREPLACE/EXCHANGE), a private
+mount namespace (unshare), and glibc's mallopt() for importd's buffers.
 
 Failures raise OSError with the errno, as os functions do."""
 
@@ -18,6 +18,9 @@ RENAME_EXCHANGE = 2
 RESOLVE_NO_MAGICLINKS = 0x02
 RESOLVE_IN_ROOT = 0x10
 _SYS_OPENAT2 = 437  # the same number on every architecture (new-style syscall)
+CLONE_NEWNS = 0x00020000
+_MS_REC = 0x4000
+_MS_PRIVATE = 1 << 18
 
 
 def raise_errno(what: str | None = None) -> None:
@@ -67,6 +70,15 @@ def rename_noreplace(old: str, new: str, old_dir: int = AT_FDCWD, new_dir: int =
 
 def rename_exchange(a: str, b: str) -> None:
     renameat2(a, b, RENAME_EXCHANGE)
+
+
+def private_mount_namespace() -> None:
+    """Leave the caller's mount namespace for a copy of it in which every
+    mount is private: nothing mounted from now on propagates back.  Only a
+    single-threaded process can (unshare fails with EINVAL once threads
+    share its fs_struct)."""
+    check(libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+    check(libc.mount(b"none", b"/", None, ctypes.c_ulong(_MS_REC | _MS_PRIVATE), None), "/")
 
 
 _M_TRIM_THRESHOLD = -1

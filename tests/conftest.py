@@ -8,7 +8,6 @@ with it when the last process in it exits.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import pwd
 import subprocess
@@ -17,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from imagepool import dev as world
+from imagepool import syscalls
 
-_CLONE_NEWNS = 0x00020000
 IS_ROOT = os.geteuid() == 0
 # Fixtures that only root can provide: whoever uses one needs root.
 ROOT_FIXTURES = frozenset({"bus", "btrfs_mount", "pool", "daemons", "services", "machined", "importd", "chroot"})
@@ -27,10 +26,7 @@ ROOT_FIXTURES = frozenset({"bus", "btrfs_mount", "pool", "daemons", "services", 
 def _enter_private_mount_namespace() -> None:
     """unshare(CLONE_NEWNS) in this (still single-threaded) process and make
     every mount private, so nothing mounted here propagates to the host."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.unshare(_CLONE_NEWNS) != 0:
-        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNS)")
-    subprocess.run(["mount", "--make-rprivate", "/"], check=True)
+    syscalls.private_mount_namespace()
 
 
 POOL = Path("/var/lib/machines")

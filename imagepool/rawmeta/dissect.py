@@ -23,6 +23,7 @@ import tempfile
 import time
 from typing import Any
 
+from imagepool import syscalls
 from imagepool.metadata import ImageMetadata, read_tree_metadata
 from imagepool.rawmeta.partitions import SECTOR_SIZES, DissectError, Partition, read_gpt, read_mbr, select_partitions
 from imagepool.syscalls import libc as _libc
@@ -56,17 +57,7 @@ _MS_RDONLY = 1
 _MS_NOSUID = 2
 _MS_NODEV = 4
 _MS_NOEXEC = 8
-_MS_REC = 0x4000
-_MS_PRIVATE = 1 << 18
 _MNT_DETACH = 2
-_CLONE_NEWNS = 0x00020000
-
-
-
-def _check(ret: int, what: str) -> None:
-    if ret != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code), what)
 
 
 def _loop_info64(offset: int, size: int, flags: int, name: str) -> bytes:
@@ -152,7 +143,7 @@ def probe_fstype(device: str) -> str | None:
 def _mount(source: str, target: str, fstype: str, flags: int, data: str) -> None:
     ret = _libc.mount(os.fsencode(source), os.fsencode(target), fstype.encode(),
                       ctypes.c_ulong(flags), data.encode() if data else None)
-    _check(ret, target)
+    syscalls.check(ret, target)
 
 
 def _umount(target: str) -> None:
@@ -257,13 +248,6 @@ def dissect_and_read(path: str, mountpoint: str) -> ImageMetadata:
         os.close(fd)
 
 
-def _private_mount_namespace() -> None:
-    """Detach from the caller's mount namespace; make every mount private."""
-    _check(_libc.unshare(_CLONE_NEWNS), "unshare(CLONE_NEWNS)")
-    ret = _libc.mount(b"none", b"/", None, ctypes.c_ulong(_MS_REC | _MS_PRIVATE), None)
-    _check(ret, "/")
-
-
 def metadata_to_json(md: ImageMetadata) -> dict[str, Any]:
     return {
         "hostname": md.hostname,
@@ -301,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.alarm(math.ceil(args.timeout) + 5)  # a backstop if the parent is gone
     made = None
     try:
-        _private_mount_namespace()
+        syscalls.private_mount_namespace()
         mountpoint = args.mountpoint
         if mountpoint is None:
             mountpoint = made = tempfile.mkdtemp(prefix="rawmeta-")
