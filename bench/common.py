@@ -23,7 +23,6 @@ Session API (one per benchmark run)::
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hashlib
 import json
 import math
@@ -46,14 +45,13 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from imagepool import dev as world  # noqa: E402
-from imagepool import syscalls  # noqa: E402
+from imagepool import fsutil, syscalls  # noqa: E402
 
 POOL = Path("/var/lib/machines")
 IMAGE_PREFIX = Path("/run/systemd/bench-images")  # our services' other image classes (in the private /run/systemd)
 MB = 1_000_000
 MiB = 1 << 20
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def _script() -> str:
@@ -447,15 +445,9 @@ def clear_pool(kind: str = "btrfs", keep: tuple[str, ...] = ()) -> list[str]:
 
 def syncfs(path: Path) -> float:
     """syncfs() the file system at PATH; returns how long it took."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        t0 = time.perf_counter()
-        if _libc.syncfs(fd) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
-        return time.perf_counter() - t0
-    finally:
-        os.close(fd)
+    t0 = time.perf_counter()
+    fsutil.syncfs(str(path))
+    return time.perf_counter() - t0
 
 
 def tree_summary(root: Path) -> dict:

@@ -132,14 +132,14 @@ def _nonzero_runs(data: Any, start: int, end: int, block_size: int) -> list[tupl
     return runs
 
 
-_ZERO_CHUNK = bytes(1 << 20)
+_ZERO_RUN_MAX = 1 << 20  # the decoders' chunk size
 
 
 def zero_run(data: Any) -> int | None:
     """len(DATA) if DATA (bytes, at most 1 MiB) is all zeros, else None: one
     memcmp() for such a chunk, a byte or so for most others."""
     n = len(data)
-    if n and n <= len(_ZERO_CHUNK) and not data[0] and not data[-1] and _ZERO_CHUNK.startswith(data):
+    if n and n <= _ZERO_RUN_MAX and not data[0] and not data[-1] and _zeros(_ZERO_RUN_MAX).startswith(data):
         return n
     return None
 
