@@ -18,6 +18,7 @@ from imagepool import btrfs, tree
 from imagepool.image import Image, ImageType, Pool
 from imagepool.locks import image_name_lock
 from importd import compress, ostree, qcow2, sparse, tar
+from importd.compress.source import Input
 from importd.context import Canceled, JobContext, TransferError, exiting_on_failure
 from importd.handoff import Handoff
 from importd.progress import ProgressLogger, format_bytes
@@ -34,7 +35,9 @@ def fd_path(fd: int) -> str:
         return "n/a"
 
 
-def _input_size(fd: int) -> int | None:
+def _input_size(fd: Input) -> int | None:
+    if not isinstance(fd, int):
+        return None  # a channel
     st = os.fstat(fd)
     return st.st_size if stat.S_ISREG(st.st_mode) else None
 
@@ -86,7 +89,7 @@ def import_tar(ctx: JobContext, fd: int, pool: Pool, name: str, force: bool, rea
     _finish(ctx)
 
 
-def unpack_tar(ctx: JobContext, fd: int, directory: str, limit: int, size: int | None = None) -> int:
+def unpack_tar(ctx: JobContext, fd: Input, directory: str, limit: int, size: int | None = None) -> int:
     """Unpack the (compressed) tarball read from FD into DIRECTORY, which
     exists and is empty; returns the size of the tar stream."""
     unpacker = tar.TarUnpacker(directory, ctx)
@@ -124,11 +127,11 @@ def import_raw(ctx: JobContext, fd: int, pool: Pool, name: str, force: bool, rea
     _finish(ctx)
 
 
-def write_image(ctx: JobContext, fd: int, path: str, limit: int, writeback: bool = False) -> int:
+def write_image(ctx: JobContext, fd: Input, path: str, limit: int, writeback: bool = False) -> int:
     """The raw image read from FD (compressed, qcow2 or plain), written
     sparse to the new file PATH; returns its size.  On failure PATH is
     removed again."""
-    if _input_size(fd) is not None and qcow2.is_qcow2(os.pread(fd, QCOW2_HEAD, 0)):
+    if isinstance(fd, int) and _input_size(fd) is not None and qcow2.is_qcow2(os.pread(fd, QCOW2_HEAD, 0)):
         # An uncompressed qcow2 file: convert straight from it.
         return convert_qcow2(ctx, fd, path, limit)
     out = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
@@ -157,12 +160,12 @@ def convert_qcow2_in_place(ctx: JobContext, qcow_fd: int, path: str, limit: int)
         tree.remove_path(path + ".qcow2")
 
 
-def write_raw(ctx: JobContext, fd: int, out: int, limit: int, writeback: bool = False) -> int | None:
+def write_raw(ctx: JobContext, fd: Input, out: int, limit: int, writeback: bool = False) -> int | None:
     """Copy the (decompressed) input into OUT, sparse.  Returns the size, or
     None when the data turned out to be qcow2 (left in OUT for conversion)."""
     progress = ProgressLogger(ctx, "Imported")
     size = _input_size(fd)
-    if size is not None:
+    if size is not None and isinstance(fd, int):
         head = os.pread(fd, 6, 0)
         if compress.detect(head) == compress.Compression.NONE and not qcow2.is_qcow2(head[:QCOW2_HEAD]):
             if size > limit:

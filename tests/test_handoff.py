@@ -1,4 +1,4 @@
-"""importd.piped (the download's pipe, gathering) and importd.handoff (writes
+"""importd.piped (the download in a thread, through a channel) and importd.handoff (writes
 in a thread of their own): order, errors, cancellation, the byte budget
 shared by all writers, nothing left running."""
 
@@ -10,9 +10,10 @@ import time
 
 import pytest
 
+from importd.channel import GATHER, Channel
 from importd.context import Canceled, JobContext
 from importd.handoff import Budget, Handoff
-from importd.piped import GATHER, Piped
+from importd.piped import Piped
 
 
 def test_handoff_writes_everything_in_order_in_another_thread() -> None:
@@ -165,15 +166,15 @@ def test_handoff_leaving_early_gives_the_budget_back() -> None:
     assert not any(t.name == "test-writer" for t in threading.enumerate())
 
 
-def _read_all(fd: int) -> tuple[bytes, list[int]]:
+def _read_all(channel: Channel) -> tuple[bytes, list[int]]:
     data, sizes = bytearray(), []
-    while chunk := os.read(fd, 4 << 20):
+    while chunk := channel.read(4 << 20, timeout=10):
         data += chunk
         sizes.append(len(chunk))
     return bytes(data), sizes
 
 
-def test_piped_gathers_small_pieces_and_flushes_the_rest_at_the_end() -> None:
+def test_piped_hands_small_pieces_over_gathered() -> None:
     pieces = [os.urandom(16384) for _ in range(100)] + [b"tail"]
 
     def produce() -> str:
@@ -184,20 +185,42 @@ def test_piped_gathers_small_pieces_and_flushes_the_rest_at_the_end() -> None:
 
     piped = Piped("test-download", produce, lambda: None)
     with piped:
-        data, sizes = _read_all(piped.read_fd)
+        data, sizes = _read_all(piped.reader)
         assert piped.result() == "done"
     assert data == b"".join(pieces)
     assert len(sizes) <= len(data) // GATHER + 2  # gathered, not piece by piece
 
 
-def test_piped_download_error_is_raised_and_nothing_gathered_is_written() -> None:
+def test_piped_download_error_is_raised_and_what_waits_is_dropped() -> None:
+    wrote = threading.Event()
+
     def produce() -> None:
         piped.write(b"partial")
+        wrote.set()
+        time.sleep(0.05)
         raise OSError(104, "Connection reset by peer")
 
     piped = Piped("test-download", produce, lambda: None)
     with piped:
-        data, _ = _read_all(piped.read_fd)
+        wrote.wait(5)
+        data, _ = _read_all(piped.reader)  # (7 bytes do not wake the reader: it waits for the end)
         with pytest.raises(OSError, match="reset"):
             piped.result()
-    assert data == b""  # the failed download's gathered bytes never reach the reader
+    assert data == b""  # the failed download's bytes never reach the reader
+
+
+def test_piped_reader_leaving_stops_the_download_and_its_epipe_is_not_kept() -> None:
+    interrupted = threading.Event()
+
+    def produce() -> None:
+        while True:  # a download faster than its reader
+            piped.write(os.urandom(65536))
+
+    piped = Piped("test-download", produce, interrupted.set)
+    with pytest.raises(RuntimeError, match="unpacker"):
+        with piped:
+            assert piped.reader.read(1 << 20, timeout=10)
+            raise RuntimeError("the unpacker failed")
+    assert interrupted.is_set()
+    assert piped.finished.is_set() and piped.error is None
+    assert not any(t.name == "test-download" for t in threading.enumerate())

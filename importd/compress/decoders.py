@@ -29,7 +29,7 @@ from isal import isal_zlib
 
 from importd.compress import xz
 from importd.compress.formats import MAGIC, MAGIC_MAX, Compression, detect, trailing_garbage, truncated
-from importd.compress.source import READ_SIZE, Source
+from importd.compress.source import READ_SIZE, Input, Source
 from importd.context import JobContext, TransferError
 
 # liblzma's errors as the lzma module words them, and as xz(1) does: the same
@@ -313,7 +313,7 @@ def _uncompressed(src: Source, limit: int) -> Generator[bytes, None, None]:
 
 
 def decompressed_chunks(
-    fd: int,
+    fd: Input,
     ctx: JobContext,
     *,
     size: int | None = None,

@@ -1,5 +1,6 @@
-"""The compressed input of a decompression: a regular file, a pipe or a
-socket, read with the job's cancellation in view; and pipe helpers."""
+"""The compressed input of a decompression: a regular file, a pipe, a
+socket or a Channel from another thread of ours (a download), read with the
+job's cancellation in view; and pipe helpers."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import stat
 import struct
 import termios
 
+from importd.channel import Channel
 from importd.context import JobContext, TransferError
 
 POLL_MS = 250  # how long we wait for input before checking for cancellation
@@ -35,29 +37,39 @@ def grow_pipe(fd: int) -> None:
         pass
 
 
+Input = int | Channel  # what a decompression reads: a file descriptor or a channel
+
+
 class Source:
     """The compressed input: a regular file (read at its file offset), a pipe
     or a socket (waited on with poll(), so a stalled sender does not keep a
-    canceled job alive).  Counts what was consumed and reports progress."""
+    canceled job alive), or a Channel (waited on likewise).  Counts what was
+    consumed and reports progress.  ``fd`` is what a poll() loop watches (a
+    channel's eventfd)."""
 
-    def __init__(self, fd: int, ctx: JobContext, size: int | None) -> None:
-        self.fd = fd
+    def __init__(self, fd: Input, ctx: JobContext, size: int | None) -> None:
+        self.channel = fd if isinstance(fd, Channel) else None
+        self._fd = fd if isinstance(fd, int) else -1
         self.ctx = ctx
         self.size = size if size and size > 0 else None
-        self.regular = stat.S_ISREG(os.fstat(fd).st_mode)
-        self.start = os.lseek(fd, 0, os.SEEK_CUR) if self.regular else 0
+        self.regular = self.channel is None and stat.S_ISREG(os.fstat(self._fd).st_mode)
+        self.start = os.lseek(self._fd, 0, os.SEEK_CUR) if self.regular else 0
         self.pushed_back = b""  # read ahead while detecting (pipes only)
         self.consumed = 0
         self.eof = False
         self._last_progress = -1.0
         self._poller: select.poll | None = None
 
+    @property
+    def fd(self) -> int:
+        return self.channel.fileno() if self.channel is not None else self._fd
+
     def head(self, n: int) -> bytes:
         """The first N bytes (fewer at EOF), left in place for read()."""
         if self.regular:
             data = b""
             while len(data) < n:
-                more = os.pread(self.fd, n - len(data), self.start + len(data))
+                more = os.pread(self._fd, n - len(data), self.start + len(data))
                 if not more:
                     break
                 data += more
@@ -85,20 +97,30 @@ class Source:
         return data
 
     def _read_fd(self, n: int, wait: bool) -> bytes:
+        if self.channel is not None:
+            return self._read_channel(self.channel, n, wait)
         while True:
             if wait and not self.regular:
                 self.wait_readable()
             try:
-                return os.read(self.fd, n)
+                return os.read(self._fd, n)
             except (BlockingIOError, InterruptedError):
                 wait = True
             except OSError as e:
                 raise TransferError(f"Failed to read: {e.strerror}") from None
 
+    def _read_channel(self, channel: Channel, n: int, wait: bool) -> bytes:
+        while True:
+            data = channel.read(n, POLL_MS / 1000 if wait else 0)
+            if data is not None:
+                return data
+            self.ctx.check()
+            wait = True
+
     def wait_readable(self) -> None:
         if self._poller is None:
             self._poller = select.poll()
-            self._poller.register(self.fd, select.POLLIN)
+            self._poller.register(self._fd, select.POLLIN)
         while True:
             self.ctx.check()
             if self._poller.poll(POLL_MS):

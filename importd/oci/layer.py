@@ -70,7 +70,7 @@ def _unpack(ctx: JobContext, source: Source, desc: mf.Descriptor, diff_id: str |
     piped = Piped(f"layer-{desc.hex[:12]}", lambda: source.stream(lctx, desc, sink, progress), lctx.request_cancel)
     try:
         with piped, TarUnpacker(tmp, lctx, umask=0o777) as unpacker:
-            for chunk in decompressed_chunks(piped.read_fd, lctx, max_output=max_size):
+            for chunk in decompressed_chunks(piped.reader, lctx, max_output=max_size):
                 uncompressed.update(chunk)
                 unpacker.write(chunk)
             piped.result()

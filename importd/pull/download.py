@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from imagepool import fsutil, tree
 from imagepool.image import Pool
 from importd import compress, qcow2, sparse, verify
+from importd.channel import Channel
 from importd.context import JobContext, TransferError
 from importd.http import Download, Http, HttpError
 from importd.local import convert_qcow2_in_place, size_limit, unpack_tar, write_image
@@ -112,7 +113,7 @@ class _DirectRaw:
 def _stream_into(ctx: JobContext, http: Http, req: PullRequest, tmp: str, etags: list[str], limit: int,
                  progress: Callable[[float], None]) -> Download:
     """Download in a helper thread; data that needs decoding goes through a
-    pipe to this thread, which unpacks it, so both overlap.  Uncompressed
+    channel to this thread, which unpacks it, so both overlap.  Uncompressed
     raw data the download thread writes to the image itself."""
     started = threading.Event()  # the first bytes came (or the download ended)
     direct: list[_DirectRaw] = []
@@ -152,9 +153,9 @@ def _stream_into(ctx: JobContext, http: Http, req: PullRequest, tmp: str, etags:
                 if direct:
                     direct[0].finish(ctx, tmp, limit)
                 elif not info.not_modified:
-                    _unpack(ctx, req, piped.read_fd, tmp, limit)  # an empty body: the unpacker says what is wrong
+                    _unpack(ctx, req, piped.reader, tmp, limit)  # an empty body: the unpacker says what is wrong
             else:
-                _unpack(ctx, req, piped.read_fd, tmp, limit)
+                _unpack(ctx, req, piped.reader, tmp, limit)
                 info = piped.result()
             if not info.not_modified:
                 ctx.log(f"Acquired {format_bytes(info.size)} for {req.url}.")
@@ -164,12 +165,12 @@ def _stream_into(ctx: JobContext, http: Http, req: PullRequest, tmp: str, etags:
             direct[0].close()
 
 
-def _unpack(ctx: JobContext, req: PullRequest, read_fd: int, tmp: str, limit: int) -> int:
+def _unpack(ctx: JobContext, req: PullRequest, reader: Channel, tmp: str, limit: int) -> int:
     """Consume the downloaded stream: returns the size of the unpacked data.
     Progress comes from the download, not from here."""
     quiet = ctx.derive(lambda f: None)
     if req.kind == "tar":
         tree.make_tree_dir(tmp)
-        return unpack_tar(quiet, read_fd, tmp, limit)
-    return write_image(quiet, read_fd, tmp, limit, writeback=req.sync)
+        return unpack_tar(quiet, reader, tmp, limit)
+    return write_image(quiet, reader, tmp, limit, writeback=req.sync)
 
