@@ -4,19 +4,18 @@ for raw images."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from imagepool import fsutil, tree
+from imagepool import tree
 from imagepool.image import Pool
 from importd import compress, qcow2, sparse, verify
 from importd.channel import Channel
 from importd.context import JobContext, TransferError
 from importd.http import Download, Http, HttpError
-from importd.local import convert_qcow2_in_place, size_limit, unpack_tar, write_image
+from importd.local import size_limit, unpack_tar, write_image
 from importd.piped import Piped
 from importd.progress import format_bytes
 from importd.pull.common import PullRequest, cache_base, cached_etags
@@ -68,39 +67,21 @@ def download(ctx: JobContext, http: Http, req: PullRequest, pool: Pool,
 
 
 class _DirectRaw:
-    """Uncompressed raw data (or an uncompressed qcow2 file) needs no decoding:
-    the download thread writes it straight to the image file, skipping the
-    pipe and the hand-over to the other thread."""
+    """Uncompressed raw data needs no decoding: the download thread writes it
+    straight to the image file (sparse), skipping the hand-over to the
+    other thread.  (A qcow2 file goes over like compressed data: written by
+    a thread of its own while the download goes on, then converted.)"""
 
-    def __init__(self, tmp: str, head: bytes, writeback: bool) -> None:
+    def __init__(self, tmp: str, writeback: bool) -> None:
         self.out = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        self.qcow = qcow2.is_qcow2(head[:4])
         self.writer = sparse.SparseWriter(self.out, writeback=writeback)
-        self.offset = 0
-        # (a qcow2 file is cloned from or read once it is complete: written
-        # back early, it needs no flush then)
-        self.writeback = writeback
-        self.written_back = 0
 
     def write(self, chunk: bytes) -> None:
-        if self.qcow:
-            view = memoryview(chunk)
-            while view:
-                n = os.pwrite(self.out, view, self.offset)
-                self.offset += n
-                view = view[n:]
-            if self.writeback and self.offset - self.written_back >= sparse.WRITEBACK_EVERY:
-                with contextlib.suppress(OSError):
-                    fsutil.start_writeback(self.out, self.written_back, self.offset - self.written_back)
-                self.written_back = self.offset
-        else:
-            self.writer.write(chunk)
+        self.writer.write(chunk)
 
-    def finish(self, ctx: JobContext, tmp: str, limit: int) -> int:
+    def finish(self) -> int:
         try:
-            if not self.qcow:
-                return self.writer.finish()
-            return convert_qcow2_in_place(ctx, self.out, tmp, limit)
+            return self.writer.finish()
         finally:
             self.close()
 
@@ -112,9 +93,9 @@ class _DirectRaw:
 
 def _stream_into(ctx: JobContext, http: Http, req: PullRequest, tmp: str, etags: list[str], limit: int,
                  progress: Callable[[float], None]) -> Download:
-    """Download in a helper thread; data that needs decoding goes through a
-    channel to this thread, which unpacks it, so both overlap.  Uncompressed
-    raw data the download thread writes to the image itself."""
+    """Download in a helper thread; data that needs decoding (and qcow2)
+    goes through a channel to this thread, which unpacks it, so both overlap.
+    Uncompressed raw data the download thread writes to the image itself."""
     started = threading.Event()  # the first bytes came (or the download ended)
     direct: list[_DirectRaw] = []
     mode: list[str] = []
@@ -122,8 +103,9 @@ def _stream_into(ctx: JobContext, http: Http, req: PullRequest, tmp: str, etags:
     def sink(chunk: bytes) -> None:
         if not mode:
             head = bytes(chunk[:6])
-            if req.kind == "raw" and len(head) == 6 and compress.detect(head) == compress.Compression.NONE:
-                direct.append(_DirectRaw(tmp, head, req.sync))
+            if req.kind == "raw" and len(head) == 6 and compress.detect(head) == compress.Compression.NONE \
+                    and not qcow2.is_qcow2(head[:4]):
+                direct.append(_DirectRaw(tmp, req.sync))
                 mode.append("direct")
             else:
                 mode.append("pipe")
@@ -151,7 +133,7 @@ def _stream_into(ctx: JobContext, http: Http, req: PullRequest, tmp: str, etags:
                     ctx.check()
                 info = piped.result()
                 if direct:
-                    direct[0].finish(ctx, tmp, limit)
+                    direct[0].finish()
                 elif not info.not_modified:
                     _unpack(ctx, req, piped.reader, tmp, limit)  # an empty body: the unpacker says what is wrong
             else:
