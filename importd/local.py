@@ -35,9 +35,7 @@ def fd_path(fd: int) -> str:
         return "n/a"
 
 
-def _input_size(fd: Input) -> int | None:
-    if not isinstance(fd, int):
-        return None  # a channel
+def _input_size(fd: int) -> int | None:
     st = os.fstat(fd)
     return st.st_size if stat.S_ISREG(st.st_mode) else None
 
@@ -164,8 +162,9 @@ def write_raw(ctx: JobContext, fd: Input, out: int, limit: int, writeback: bool 
     """Copy the (decompressed) input into OUT, sparse.  Returns the size, or
     None when the data turned out to be qcow2 (left in OUT for conversion)."""
     progress = ProgressLogger(ctx, "Imported")
-    size = _input_size(fd)
-    if size is not None and isinstance(fd, int):
+    size = _input_size(fd) if isinstance(fd, int) else None  # (a channel has no size)
+    if size is not None:
+        assert isinstance(fd, int)
         head = os.pread(fd, 6, 0)
         if compress.detect(head) == compress.Compression.NONE and not qcow2.is_qcow2(head[:QCOW2_HEAD]):
             if size > limit:

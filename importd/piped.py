@@ -40,20 +40,16 @@ class Piped(Generic[T]):
         """CHUNK (bytes, kept as they are) for the reader."""
         self.reader.write(chunk)
 
-    def close_writer(self) -> None:
-        """End of data for the reader (produce may call it early)."""
-        self.reader.close_writer()
-
     def _run(self) -> None:
         try:
             self._value = self._produce()
-            self.close_writer()
         except BaseException as e:  # handed to the reading side, unless it caused this
             with self._lock:
                 if not self._abandoned:
                     self.error = e
         finally:
-            self.reader.close_writer(drop=self.error is not None)  # (a failure: nothing more is read)
+            # The end of the data; after a failure the reader gets none of what waits.
+            self.reader.close_writer(drop=self.error is not None)
             self.finished.set()
 
     def __enter__(self) -> Piped[T]:
